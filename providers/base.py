@@ -1,0 +1,65 @@
+"""The adapter interface. One small class per provider type; the core never names one.
+
+A provider is built from its YAML section (`name`, `cfg` dict) and offers:
+  models()            -> [ModelCard]          what the lists show
+  card(upstream_id)   -> ModelCard | None     None: unknown (a 404 for the client)
+  chat(req, uid)      -> iterator of Chunk    raises GatewayError before the first chunk
+                                              when the request cannot be served at all
+  embed(req, uid)     -> EmbedResult
+  load(uid, keep_alive) / unload(uid) -> None (local models; remote ones do nothing)
+  loaded()            -> [LoadedModel]         /api/ps
+  health()            -> dict                  /health/ready, never a key
+  close()
+"""
+from __future__ import annotations
+
+from typing import Iterator, Optional
+
+from gateway.canonical import ChatRequest, Chunk, EmbedRequest, EmbedResult, ModelCard
+from gateway.errors import BadRequest
+
+
+class Provider:
+    type_name = "base"
+
+    def __init__(self, name: str, cfg: dict, settings=None):
+        self.name = name
+        self.cfg = cfg
+        self.settings = settings
+
+    # --- discovery -------------------------------------------------------------------
+    @property
+    def offered(self) -> bool:
+        """False when the provider cannot serve anything (a remote one with no keys)."""
+        return True
+
+    def models(self) -> list:
+        return []
+
+    def card(self, upstream_id: str) -> Optional[ModelCard]:
+        for c in self.models():
+            if c.upstream_id == upstream_id:
+                return c
+        return None
+
+    # --- work ------------------------------------------------------------------------
+    def chat(self, req: ChatRequest, upstream_id: str) -> Iterator[Chunk]:
+        raise NotImplementedError
+
+    def embed(self, req: EmbedRequest, upstream_id: str) -> EmbedResult:
+        raise BadRequest(f'"{req.model}" does not support embeddings')
+
+    def load(self, upstream_id: str, keep_alive: Optional[float]) -> None:
+        return None
+
+    def unload(self, upstream_id: str) -> None:
+        return None
+
+    def loaded(self) -> list:
+        return []
+
+    def health(self) -> dict:
+        return {"type": self.type_name, "offered": self.offered}
+
+    def close(self) -> None:
+        return None
