@@ -1,0 +1,197 @@
+"""Request-body reading and field checks shared by both API surfaces.
+
+Every bad input becomes a BadRequest that names the field; nothing here returns a 500.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import math
+
+from flask import current_app, request
+
+from gateway.canonical import Options
+from gateway.durations import parse_keep_alive
+from gateway.errors import BadRequest, TooLarge
+
+_FLOAT_OPTS = ("temperature", "top_p", "min_p", "typical_p", "repeat_penalty", "presence_penalty",
+               "frequency_penalty", "mirostat_tau", "mirostat_eta")
+_INT_OPTS = ("top_k", "repeat_last_n", "seed", "num_predict", "num_ctx", "num_batch", "num_gpu",
+             "num_thread", "mirostat")
+_INT_LIMIT = 2 ** 63
+
+
+def read_json_body(allow_empty: bool = False) -> dict:
+    """The request's JSON object. Content-Type is not checked (Ollama decodes any body);
+    the size limit is enforced before the body is read whole."""
+    limit = current_app.extensions["gateway"].settings.max_body_bytes
+    length = request.content_length
+    if length is not None and length > limit:
+        raise TooLarge(f"request body too large: {length} bytes, limit {limit}")
+    data = request.stream.read(limit + 1)
+    if len(data) > limit:
+        raise TooLarge(f"request body too large: over the limit of {limit} bytes")
+    if not data.strip():
+        if allow_empty:
+            return {}
+        raise BadRequest("missing request body")
+    try:
+        body = json.loads(data)
+    except UnicodeDecodeError:
+        raise BadRequest("invalid request body: not valid UTF-8")
+    except (ValueError, RecursionError) as e:
+        raise BadRequest(f"invalid JSON in request body: {str(e)[:120]}")
+    if not isinstance(body, dict):
+        raise BadRequest("invalid request body: expected a JSON object")
+    return body
+
+
+def _type_error(field: str, expected: str):
+    return BadRequest(f'invalid value for field "{field}": expected {expected}')
+
+
+def get_str(body: dict, field: str, required=False, default=None, allow_empty=True):
+    v = body.get(field)
+    if v is None:
+        if required:
+            raise BadRequest(f"{field} is required")
+        return default
+    if not isinstance(v, str):
+        raise _type_error(field, "a string")
+    if not v and not allow_empty:
+        raise BadRequest(f"{field} is required")
+    return v
+
+
+def get_model(body: dict, legacy_name: bool = False) -> str:
+    v = body.get("model")
+    if (v is None or v == "") and legacy_name:
+        v = body.get("name")
+    if v is None or v == "":
+        raise BadRequest("model is required")
+    if not isinstance(v, str):
+        raise _type_error("model", "a string")
+    return v
+
+
+def get_bool(body: dict, field: str, default=None):
+    v = body.get(field)
+    if v is None:
+        return default
+    if not isinstance(v, bool):
+        raise _type_error(field, "true or false")
+    return v
+
+
+def number(value, field: str, integer=False, minimum=None, maximum=None):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _type_error(field, "an integer" if integer else "a number")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise _type_error(field, "a finite number")
+    if integer:
+        if isinstance(value, float):
+            if value != int(value):
+                raise _type_error(field, "an integer")
+            value = int(value)
+        if abs(value) >= _INT_LIMIT:
+            raise BadRequest(f'invalid value for field "{field}": out of range')
+    else:
+        value = float(value)
+    if minimum is not None and value < minimum:
+        raise BadRequest(f'invalid value for field "{field}": must be at least {minimum}')
+    if maximum is not None and value > maximum:
+        raise BadRequest(f'invalid value for field "{field}": must be at most {maximum}')
+    return value
+
+
+def get_number(body, field, integer=False, minimum=None, maximum=None):
+    v = body.get(field)
+    return None if v is None else number(v, field, integer, minimum, maximum)
+
+
+def stop_list(value, field="stop") -> list:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value] if value else []
+    if isinstance(value, list) and all(isinstance(s, str) for s in value):
+        return [s for s in value if s]
+    raise _type_error(field, "a string or a list of strings")
+
+
+def parse_options(raw) -> Options:
+    """Ollama `options`. Unknown keys are ignored, as Ollama does; known keys of the wrong
+    type are a 400 naming the option."""
+    opts = Options()
+    if raw is None:
+        return opts
+    if not isinstance(raw, dict):
+        raise _type_error("options", "an object")
+    for key in _FLOAT_OPTS:
+        if raw.get(key) is not None:
+            setattr(opts, key, number(raw[key], f"options.{key}"))
+    for key in _INT_OPTS:
+        if raw.get(key) is not None:
+            setattr(opts, key, number(raw[key], f"options.{key}", integer=True))
+    if opts.num_ctx is not None and opts.num_ctx <= 0:
+        opts.num_ctx = None
+    opts.stop = stop_list(raw.get("stop"), "options.stop")
+    return opts
+
+
+def parse_keep_alive_field(body: dict):
+    try:
+        return parse_keep_alive(body.get("keep_alive"))
+    except ValueError as e:
+        raise BadRequest(f'invalid value for field "keep_alive": {e}')
+
+
+def parse_format(value):
+    if value is None or value == "":
+        return None
+    if value == "json" or isinstance(value, dict):
+        return value
+    raise _type_error("format", '"json" or a JSON schema object')
+
+
+def parse_think(value):
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value in ("low", "medium", "high", "max"):
+        return value
+    raise _type_error("think", 'true, false, "low", "medium", "high" or "max"')
+
+
+def strip_data_url(image, field: str) -> str:
+    if not isinstance(image, str):
+        raise _type_error(field, "a base64 string")
+    if image.startswith("data:"):
+        comma = image.find(",")
+        if comma < 0:
+            raise BadRequest(f'invalid value for field "{field}": malformed data URL')
+        image = image[comma + 1:]
+    try:
+        base64.b64decode(image, validate=True)
+    except (ValueError, TypeError):
+        raise BadRequest(f'invalid value for field "{field}": not valid base64')
+    return image
+
+
+def parse_tools(value, field="tools") -> list:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise _type_error(field, "a list of tools")
+    out = []
+    for i, t in enumerate(value):
+        fn = t.get("function") if isinstance(t, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise BadRequest(f'invalid value for field "{field}[{i}]": expected '
+                             '{"type": "function", "function": {"name": ..., "parameters": {...}}}')
+        params = fn.get("parameters")
+        if params is not None and not isinstance(params, dict):
+            raise _type_error(f"{field}[{i}].function.parameters", "an object")
+        out.append({"type": "function", "function": {
+            "name": fn["name"], "description": str(fn.get("description") or ""),
+            "parameters": params or {"type": "object", "properties": {}}}})
+    return out

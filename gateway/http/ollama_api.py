@@ -1,0 +1,293 @@
+"""The Ollama API surface (/api/*). NDJSON streams; errors as {"error": "..."}."""
+from __future__ import annotations
+
+import time
+
+from flask import Blueprint, Response, current_app, request
+
+from gateway.canonical import Chunk, EmbedRequest
+from gateway.durations import rfc3339
+from gateway.errors import BadRequest, GatewayError, model_not_found
+from gateway.http import ollama_wire as wire
+from gateway.http.common import get_bool, get_model, get_number, parse_keep_alive_field, parse_options, read_json_body
+from gateway.http.streaming import Tally, collect, drive
+
+bp = Blueprint("ollama", __name__)
+NDJSON = "application/x-ndjson"
+STREAM_HEADERS = {"X-Accel-Buffering": "no", "Cache-Control": "no-cache"}
+
+
+def state():
+    return current_app.extensions["gateway"]
+
+
+def json_response(obj, status=200) -> Response:
+    return Response(wire.dumps(obj), status=status, mimetype="application/json")
+
+
+@bp.route("/", methods=["GET", "HEAD"])
+def root():
+    return Response("Ollama is running", mimetype="text/plain")
+
+
+@bp.route("/api/version", methods=["GET", "HEAD"])
+def version():
+    return json_response({"version": state().settings.version})
+
+
+@bp.route("/api/tags", methods=["GET", "HEAD"])
+def tags():
+    return json_response({"models": [wire.tag_entry(c) for c in state().router.list_cards()]})
+
+
+@bp.route("/api/ps", methods=["GET"])
+def ps():
+    loaded = sorted(state().router.loaded(), key=lambda lm: lm.expires_at, reverse=True)
+    return json_response({"models": [wire.ps_entry(lm) for lm in loaded]})
+
+
+@bp.route("/api/show", methods=["POST"])
+def show():
+    body = read_json_body()
+    name = get_model(body, legacy_name=True)
+    return json_response(wire.show_response(state().router.card(name)))
+
+
+# ---- generation -------------------------------------------------------------------------
+def _load_or_unload(req, kind):
+    """Empty messages/prompt: Ollama loads the model, or with keep_alive 0 unloads it."""
+    router = state().router
+    reason = "unload" if req.keep_alive == 0 else "load"
+    if reason == "unload":
+        router.unload(req.model)
+    else:
+        router.load(req.model, req.keep_alive)
+    obj = {"model": req.model, "created_at": rfc3339()}
+    if kind == "chat":
+        obj["message"] = {"role": "assistant", "content": ""}
+    else:
+        obj["response"] = ""
+    obj.update({"done_reason": reason, "done": True})
+    if req.stream:
+        return Response(wire.dumps(obj) + "\n", mimetype=NDJSON, headers=STREAM_HEADERS)
+    return json_response(obj)
+
+
+def _run(req, kind: str):
+    t0 = time.perf_counter()
+    st = state()
+    has_input = req.messages if kind == "chat" else (req.prompt or req.suffix or
+                                                     any(m.images for m in req.messages))
+    if not has_input:
+        return _load_or_unload(req, kind)
+    tally = Tally(t0)
+    record = {"route": request.path, "model": req.model, "stream": req.stream}
+    chunks = start_chat(st, req, tally, record)
+
+    def finish(t):
+        record.update(t.summary())
+        st.finished(record)
+
+    if not req.stream:
+        try:
+            collect(chunks, tally)
+        except GatewayError as e:
+            tally.error = e
+            finish(tally)
+            raise
+        finish(tally)
+        return json_response(_final(req, kind, tally, whole=True))
+
+    head = '{"model":' + wire.dumps(req.model) + ',"created_at":"'
+    key = '","message":{"role":"assistant","content":' if kind == "chat" else '","response":'
+
+    def on_chunk(ch: Chunk):
+        if ch.done:
+            return wire.dumps(_final(req, kind, tally, whole=False, last=ch)) + "\n"
+        if kind == "chat":
+            if not (ch.content or ch.thinking or ch.tool_calls):
+                return None
+            if ch.thinking or ch.tool_calls:
+                msg = {"role": "assistant", "content": ch.content}
+                if ch.thinking:
+                    msg["thinking"] = ch.thinking
+                if ch.tool_calls:
+                    msg["tool_calls"] = wire.tool_calls_out(ch.tool_calls)
+                return wire.dumps({"model": req.model, "created_at": rfc3339(), "message": msg,
+                                   "done": False}) + "\n"
+            return head + rfc3339() + key + wire.dumps(ch.content) + '},"done":false}\n'
+        if ch.thinking:
+            return wire.dumps({"model": req.model, "created_at": rfc3339(), "response": ch.content,
+                               "thinking": ch.thinking, "done": False}) + "\n"
+        if not ch.content:   # LiteLLM rejects non-final generate chunks with empty response
+            return None
+        return head + rfc3339() + key + wire.dumps(ch.content) + ',"done":false}\n'
+
+    def on_error(e):
+        return wire.dumps({"error": e.message}) + "\n"
+
+    body = drive(chunks, tally, on_chunk, on_error, finish)
+    return Response(body, mimetype=NDJSON, headers=STREAM_HEADERS)
+
+
+def start_chat(st, req, tally, record):
+    """Ask the router for the answer's first chunk; an early failure is recorded and
+    raised (the error handler renders it with a real status)."""
+    try:
+        chunks = st.router.chat(req)
+    except GatewayError as e:
+        tally.error = e
+        record.update(tally.summary())
+        st.finished(record)
+        raise
+    target = getattr(chunks, "target", None)
+    record["provider"] = target.provider.name if target else None
+    return chunks
+
+
+def _final(req, kind, tally: Tally, whole: bool, last: Chunk = None) -> dict:
+    last = last or tally.final or Chunk(done=True)
+    obj = {"model": req.model, "created_at": rfc3339()}
+    content = "".join(tally.content) if whole else ""
+    if kind == "chat":
+        msg = {"role": "assistant", "content": content}
+        if whole and tally.thinking:
+            msg["thinking"] = "".join(tally.thinking)
+        if whole and tally.tool_calls:
+            msg["tool_calls"] = wire.tool_calls_out(tally.tool_calls)
+        obj["message"] = msg
+    else:
+        obj["response"] = content
+        if whole and tally.thinking:
+            obj["thinking"] = "".join(tally.thinking)
+    reason = last.done_reason or "stop"
+    obj["done"] = True
+    obj["done_reason"] = "stop" if reason == "tool_calls" else reason
+    obj.update(tally.metrics())
+    if kind == "generate" and last.context:
+        obj["context"] = last.context
+    return obj
+
+
+@bp.route("/api/chat", methods=["POST"])
+def chat():
+    return _run(wire.chat_request(read_json_body()), "chat")
+
+
+@bp.route("/api/generate", methods=["POST"])
+def generate():
+    return _run(wire.generate_request(read_json_body()), "generate")
+
+
+# ---- embeddings -------------------------------------------------------------------------
+def _embed(model, inputs, body):
+    t0 = time.perf_counter()
+    req = EmbedRequest(model=model, inputs=inputs, truncate=get_bool(body, "truncate", True),
+                       dimensions=get_number(body, "dimensions", integer=True, minimum=1),
+                       keep_alive=parse_keep_alive_field(body), options=parse_options(body.get("options")))
+    st = state()
+    record = {"route": request.path, "model": model, "stream": False}
+    try:
+        result, target = st.router.embed(req)
+    except GatewayError as e:
+        record.update(status=e.status, latency=time.perf_counter() - t0)
+        st.finished(record)
+        raise
+    record.update(status=200, provider=target.provider.name, latency=time.perf_counter() - t0,
+                  prompt_tokens=result.prompt_tokens)
+    st.finished(record)
+    return result, t0
+
+
+@bp.route("/api/embed", methods=["POST"])
+def embed():
+    body = read_json_body()
+    model = get_model(body)
+    inputs = body.get("input")
+    if isinstance(inputs, str):
+        inputs = [inputs]
+    elif inputs is None:
+        inputs = []
+    elif not (isinstance(inputs, list) and all(isinstance(x, str) for x in inputs)):
+        raise BadRequest("invalid input type")
+    if not inputs:
+        state().router.resolve(model)
+        return json_response({"model": model, "embeddings": []})
+    result, t0 = _embed(model, inputs, body)
+    return json_response({"model": model, "embeddings": result.embeddings,
+                          "total_duration": int((time.perf_counter() - t0) * 1e9),
+                          "load_duration": int(result.load_duration or 0),
+                          "prompt_eval_count": int(result.prompt_tokens or 0)})
+
+
+@bp.route("/api/embeddings", methods=["POST"])
+def embeddings_legacy():
+    body = read_json_body()
+    model = get_model(body)
+    prompt = body.get("prompt")
+    if prompt is not None and not isinstance(prompt, str):
+        raise BadRequest('invalid value for field "prompt": expected a string')
+    if not prompt:
+        state().router.resolve(model)
+        return json_response({"embedding": []})
+    result, _ = _embed(model, [prompt], body)
+    return json_response({"embedding": result.embeddings[0] if result.embeddings else []})
+
+
+# ---- model management: not supported, but answered clearly ------------------------------
+def _unsupported(what):
+    return BadRequest(f"{what} is not supported by this gateway; models are configured in the "
+                      "gateway's YAML config")
+
+
+@bp.route("/api/pull", methods=["POST"])
+def pull():
+    body = read_json_body()
+    name = get_model(body, legacy_name=True)
+    try:
+        state().router.resolve(name)
+    except GatewayError:
+        raise BadRequest(f'pull is not supported by this gateway; add "{name}" to the config')
+    if get_bool(body, "stream", True):
+        return Response(wire.dumps({"status": "success"}) + "\n", mimetype=NDJSON)
+    return json_response({"status": "success"})
+
+
+@bp.route("/api/delete", methods=["DELETE", "POST"])
+def delete():
+    body = read_json_body()
+    name = get_model(body, legacy_name=True)
+    state().router.resolve(name)
+    raise _unsupported("delete")
+
+
+@bp.route("/api/copy", methods=["POST"])
+def copy():
+    body = read_json_body()
+    src = body.get("source")
+    if not isinstance(src, str) or not src:
+        raise BadRequest("source is required")
+    state().router.resolve(src)
+    raise _unsupported("copy")
+
+
+@bp.route("/api/create", methods=["POST"])
+def create():
+    read_json_body(allow_empty=True)
+    raise _unsupported("create")
+
+
+@bp.route("/api/push", methods=["POST"])
+def push():
+    read_json_body(allow_empty=True)
+    raise _unsupported("push")
+
+
+@bp.route("/api/blobs/<path:digest>", methods=["HEAD", "POST"])
+def blobs(digest):
+    if request.method == "HEAD":
+        return Response(status=404)
+    raise _unsupported("uploading blobs")
+
+
+__all__ = ["bp", "model_not_found"]

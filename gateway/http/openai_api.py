@@ -1,0 +1,311 @@
+"""The OpenAI API surface (/v1/*). SSE streams ending `data: [DONE]`; errors as
+{"error": {"message", "type", "code"}}."""
+from __future__ import annotations
+
+import base64
+import json
+import struct
+import time
+import uuid
+
+from flask import Blueprint, Response, current_app, request
+
+from gateway.canonical import ChatRequest, Chunk, EmbedRequest, Message, ToolCall
+from gateway.errors import BadRequest, GatewayError
+from gateway.http import ollama_wire
+from gateway.http.common import (get_bool, get_model, get_number, get_str, parse_format, parse_tools,
+                                 read_json_body, stop_list, strip_data_url)
+from gateway.http.ollama_api import start_chat
+from gateway.http.streaming import Tally, collect, drive
+
+bp = Blueprint("openai", __name__, url_prefix="/v1")
+SSE = "text/event-stream"
+STREAM_HEADERS = {"X-Accel-Buffering": "no", "Cache-Control": "no-cache"}
+dumps = ollama_wire.dumps
+_EFFORT = {"none": False, "minimal": "low", "low": "low", "medium": "medium", "high": "high",
+           "max": "max", "xhigh": "max", "ultra": "max"}
+_FINISH = {"stop": "stop", "length": "length", "tool_calls": "tool_calls"}
+
+
+def state():
+    return current_app.extensions["gateway"]
+
+
+def json_response(obj, status=200):
+    return Response(dumps(obj), status=status, mimetype="application/json")
+
+
+# ---- request translation ----------------------------------------------------------------
+def _message(m, i) -> Message:
+    f = f"messages[{i}]"
+    if not isinstance(m, dict):
+        raise BadRequest(f'invalid value for field "{f}": expected an object')
+    role = m.get("role")
+    if role == "developer":
+        role = "system"
+    if role not in ("system", "user", "assistant", "tool"):
+        raise BadRequest(f'invalid value for field "{f}.role": expected system, user, assistant or tool')
+    content, images = m.get("content"), []
+    if isinstance(content, list):
+        texts = []
+        for j, part in enumerate(content):
+            ptype = part.get("type") if isinstance(part, dict) else None
+            if ptype == "text" and isinstance(part.get("text"), str):
+                texts.append(part["text"])
+            elif ptype == "image_url":
+                url = part.get("image_url")
+                url = url.get("url") if isinstance(url, dict) else url
+                if not isinstance(url, str) or not url.startswith("data:"):
+                    raise BadRequest(f'invalid value for field "{f}.content[{j}].image_url": '
+                                     "only data: URLs are supported")
+                images.append(strip_data_url(url, f"{f}.content[{j}].image_url"))
+            else:
+                raise BadRequest(f'invalid value for field "{f}.content[{j}]": expected a text or image_url part')
+        content = "".join(texts)
+    elif content is None:
+        content = ""
+    elif not isinstance(content, str):
+        raise BadRequest(f'invalid value for field "{f}.content": expected a string or a list of parts')
+    calls = []
+    for k, tc in enumerate(m.get("tool_calls") or []):
+        fn = tc.get("function") if isinstance(tc, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise BadRequest(f'invalid value for field "{f}.tool_calls[{k}]": expected a function call')
+        args = fn.get("arguments")
+        if isinstance(args, str):
+            try:
+                args = json.loads(args) if args.strip() else {}
+            except ValueError:
+                raise BadRequest(f'invalid value for field "{f}.tool_calls[{k}].function.arguments": not valid JSON')
+        if not isinstance(args, dict):
+            args = {"value": args}
+        calls.append(ToolCall(name=fn["name"], arguments=args, id=tc.get("id"), index=k))
+    reasoning = m.get("reasoning") or m.get("reasoning_content")
+    return Message(role=role, content=content, images=images, tool_calls=calls,
+                   thinking=reasoning if isinstance(reasoning, str) else None,
+                   tool_call_id=m.get("tool_call_id") if isinstance(m.get("tool_call_id"), str) else None,
+                   tool_name=m.get("name") if isinstance(m.get("name"), str) else None)
+
+
+def _sampling(body, req: ChatRequest) -> ChatRequest:
+    o = req.options
+    o.temperature = get_number(body, "temperature", minimum=0, maximum=2)
+    o.top_p = get_number(body, "top_p", minimum=0, maximum=1)
+    o.seed = get_number(body, "seed", integer=True)
+    o.frequency_penalty = get_number(body, "frequency_penalty", minimum=-2, maximum=2)
+    o.presence_penalty = get_number(body, "presence_penalty", minimum=-2, maximum=2)
+    mt = body.get("max_completion_tokens", body.get("max_tokens"))
+    if mt is not None:
+        o.num_predict = get_number({"max_tokens": mt}, "max_tokens", integer=True, minimum=1)
+    o.stop = stop_list(body.get("stop"))
+    req.stream = get_bool(body, "stream", False)
+    so = body.get("stream_options")
+    if so is not None and not isinstance(so, dict):
+        raise BadRequest('invalid value for field "stream_options": expected an object')
+    req.want_usage = bool(so and so.get("include_usage"))
+    return req
+
+
+def chat_request(body) -> ChatRequest:
+    msgs = body.get("messages")
+    if not isinstance(msgs, list):
+        raise BadRequest('invalid value for field "messages": expected a list of messages'
+                         if msgs is not None else "messages is required")
+    req = ChatRequest(model=get_model(body), messages=[_message(m, i) for i, m in enumerate(msgs)],
+                      tools=parse_tools(body.get("tools")), tool_choice=body.get("tool_choice"))
+    rf = body.get("response_format")
+    if rf is not None:
+        rtype = rf.get("type") if isinstance(rf, dict) else None
+        if rtype == "json_object":
+            req.format = "json"
+        elif rtype == "json_schema":
+            schema = (rf.get("json_schema") or {}).get("schema") if isinstance(rf.get("json_schema"), dict) else None
+            req.format = parse_format(schema if isinstance(schema, dict) else "json")
+        elif rtype != "text":
+            raise BadRequest('invalid value for field "response_format.type": expected text, json_object or json_schema')
+    effort = body.get("reasoning_effort")
+    if effort is None and isinstance(body.get("reasoning"), dict):
+        effort = body["reasoning"].get("effort")
+    if effort is not None:
+        if effort not in _EFFORT:
+            raise BadRequest(f'invalid value for field "reasoning_effort": {str(effort)[:40]!r} is not one of '
+                             + ", ".join(_EFFORT))
+        req.think = _EFFORT[effort]
+    return _sampling(body, req)
+
+
+def completion_request(body) -> ChatRequest:
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise BadRequest('invalid value for field "prompt": expected a string')
+    req = ChatRequest(model=get_model(body), prompt=prompt, suffix=get_str(body, "suffix"),
+                      messages=[Message(role="user", content=prompt)], kind="generate")
+    return _sampling(body, req)
+
+
+# ---- response rendering -----------------------------------------------------------------
+def _tool_calls(calls) -> list:
+    return [{"id": tc.id or f"call_{uuid.uuid4().hex[:8]}", "index": tc.index, "type": "function",
+             "function": {"name": tc.name, "arguments": dumps(tc.arguments)}} for tc in calls]
+
+
+def _usage(final: Chunk):
+    p, c = int(final.prompt_tokens or 0), int(final.completion_tokens or 0)
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+
+def _finish_reason(tally: Tally, last: Chunk) -> str:
+    reason = _FINISH.get(last.done_reason or "stop", "stop")
+    return "tool_calls" if tally.tool_calls and reason == "stop" else reason
+
+
+def _error_event(e: GatewayError) -> str:
+    return "data: " + dumps({"error": {"message": e.message, "type": e.kind, "code": str(e.status)}}) + "\n\n"
+
+
+def _serve(req: ChatRequest, tally: Tally, render_chunk, render_whole):
+    st = state()
+    record = {"route": request.path, "model": req.model, "stream": req.stream}
+    chunks = start_chat(st, req, tally, record)
+
+    def finish(t):
+        record.update(t.summary())
+        st.finished(record)
+
+    if not req.stream:
+        try:
+            collect(chunks, tally)
+        except GatewayError as e:
+            tally.error = e
+            finish(tally)
+            raise
+        finish(tally)
+        return json_response(render_whole(tally))
+    return Response(drive(chunks, tally, render_chunk, _error_event, finish), mimetype=SSE,
+                    headers=STREAM_HEADERS)
+
+
+@bp.route("/chat/completions", methods=["POST"])
+def chat_completions():
+    tally = Tally(time.perf_counter())
+    req = chat_request(read_json_body())
+    cid, created = "chatcmpl-" + uuid.uuid4().hex[:24], int(time.time())
+    head = ('data: {"id":"' + cid + '","object":"chat.completion.chunk","created":' + str(created)
+            + ',"model":' + dumps(req.model) + ',"system_fingerprint":"fp_gateway","choices":[{"index":0,"delta":')
+    tail = ',"finish_reason":null}]}\n\n'
+    sent_role = [False]
+
+    def render_chunk(ch: Chunk):
+        out = []
+        if not sent_role[0]:
+            sent_role[0] = True
+            out.append(head + '{"role":"assistant","content":""}' + tail)
+        delta = {}
+        if ch.content:
+            delta["content"] = ch.content
+        if ch.thinking:
+            delta["reasoning"] = delta["reasoning_content"] = ch.thinking
+        if ch.tool_calls:
+            delta["tool_calls"] = _tool_calls(ch.tool_calls)
+        if delta:
+            out.append(head + dumps(delta) + tail)
+        if ch.done:
+            out.append(head + '{},"finish_reason":"' + _finish_reason(tally, ch) + '"}]}\n\n')
+            if req.want_usage:
+                out.append("data: " + dumps({"id": cid, "object": "chat.completion.chunk", "created": created,
+                                             "model": req.model, "choices": [], "usage": _usage(ch)}) + "\n\n")
+            out.append("data: [DONE]\n\n")
+        return "".join(out)
+
+    def render_whole(t: Tally):
+        msg = {"role": "assistant", "content": "".join(t.content)}
+        if t.thinking:
+            msg["reasoning"] = "".join(t.thinking)
+        if t.tool_calls:
+            msg["tool_calls"] = _tool_calls(t.tool_calls)
+        return {"id": cid, "object": "chat.completion", "created": created, "model": req.model,
+                "system_fingerprint": "fp_gateway",
+                "choices": [{"index": 0, "message": msg, "finish_reason": _finish_reason(t, t.final)}],
+                "usage": _usage(t.final)}
+
+    return _serve(req, tally, render_chunk, render_whole)
+
+
+@bp.route("/completions", methods=["POST"])
+def completions():
+    req = completion_request(read_json_body())
+    cid, created = "cmpl-" + uuid.uuid4().hex[:24], int(time.time())
+
+    def event(text, finish):
+        return "data: " + dumps({"id": cid, "object": "text_completion", "created": created, "model": req.model,
+                                 "choices": [{"text": text, "index": 0, "finish_reason": finish}]}) + "\n\n"
+
+    def render_chunk(ch: Chunk):
+        out = event(ch.content, None) if ch.content else ""
+        if ch.done:
+            out += event("", _FINISH.get(ch.done_reason or "stop", "stop"))
+            if req.want_usage:
+                out += "data: " + dumps({"id": cid, "object": "text_completion", "created": created,
+                                         "model": req.model, "choices": [], "usage": _usage(ch)}) + "\n\n"
+            out += "data: [DONE]\n\n"
+        return out
+
+    def render_whole(t: Tally):
+        return {"id": cid, "object": "text_completion", "created": created, "model": req.model,
+                "choices": [{"text": "".join(t.content), "index": 0, "logprobs": None,
+                             "finish_reason": _FINISH.get(t.final.done_reason or "stop", "stop")}],
+                "usage": _usage(t.final)}
+
+    return _serve(req, Tally(time.perf_counter()), render_chunk, render_whole)
+
+
+@bp.route("/embeddings", methods=["POST"])
+def embeddings():
+    body = read_json_body()
+    model = get_model(body)
+    inputs = body.get("input")
+    if isinstance(inputs, str):
+        inputs = [inputs]
+    if not (isinstance(inputs, list) and inputs and all(isinstance(x, str) for x in inputs)):
+        raise BadRequest('invalid value for field "input": expected a string or a non-empty list of strings')
+    fmt = body.get("encoding_format") or "float"
+    if fmt not in ("float", "base64"):
+        raise BadRequest('invalid value for field "encoding_format": expected "float" or "base64"')
+    req = EmbedRequest(model=model, inputs=inputs,
+                       dimensions=get_number(body, "dimensions", integer=True, minimum=1))
+    st = state()
+    t0 = time.perf_counter()
+    record = {"route": request.path, "model": model, "stream": False}
+    try:
+        result, target = st.router.embed(req)
+    except GatewayError as e:
+        record.update(status=e.status, latency=time.perf_counter() - t0)
+        st.finished(record)
+        raise
+    record.update(status=200, provider=target.provider.name, latency=time.perf_counter() - t0,
+                  prompt_tokens=result.prompt_tokens)
+    st.finished(record)
+    data = []
+    for i, vec in enumerate(result.embeddings):
+        emb = (base64.b64encode(struct.pack(f"<{len(vec)}f", *vec)).decode() if fmt == "base64" else vec)
+        data.append({"object": "embedding", "embedding": emb, "index": i})
+    n = int(result.prompt_tokens or 0)
+    return json_response({"object": "list", "data": data, "model": model,
+                          "usage": {"prompt_tokens": n, "total_tokens": n}})
+
+
+def _model_obj(card) -> dict:
+    return {"id": card.name, "object": "model", "created": int(card.modified_at or 0),
+            "owned_by": card.provider}
+
+
+@bp.route("/models", methods=["GET"])
+def models():
+    return json_response({"object": "list", "data": [_model_obj(c) for c in state().router.list_cards()]})
+
+
+@bp.route("/models/<path:model_id>", methods=["GET"])
+def model(model_id):
+    return json_response(_model_obj(state().router.card(model_id)))

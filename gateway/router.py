@@ -1,0 +1,182 @@
+"""Model names → provider targets, and alias failover.
+
+`<provider>:<upstream id>` is split at the first colon. A name without a known provider
+prefix is looked up in the aliases (with a trailing `:latest` stripped, as Open WebUI adds
+it), then answered 404. An alias tries its targets in order; a stream can move to the
+next target only before its first chunk.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from typing import Iterator, Optional
+
+from gateway.canonical import ChatRequest, Chunk, EmbedRequest, ModelCard
+from gateway.errors import GatewayError, model_not_found
+from providers import provider_class
+
+log = logging.getLogger("gateway.router")
+
+# Failures after which an alias moves on to its next target. 4xx pass-throughs and "not
+# supported" answers are the request's fault: another target would not help.
+_FAILOVER = {404, 429, 500, 502, 503, 504}
+
+
+class Target:
+    __slots__ = ("provider", "upstream_id", "card")
+
+    def __init__(self, provider, upstream_id: str, card: ModelCard):
+        self.provider, self.upstream_id, self.card = provider, upstream_id, card
+
+
+class Router:
+    def __init__(self, settings):
+        self.settings = settings
+        self.providers = {}
+        for name, cfg in settings.providers.items():
+            self.providers[name] = provider_class(cfg["type"])(name, cfg, settings)
+        self.aliases = dict(settings.aliases)
+        for name, p in self.providers.items():
+            if not p.offered:
+                log.warning("provider %s is not offered: no API keys configured", name)
+
+    def close(self):
+        for p in self.providers.values():
+            try:
+                p.close()
+            except Exception:  # closing must never stop the others
+                log.exception("closing provider %s", p.name)
+
+    # ---- lookup -------------------------------------------------------------------------
+    def _direct(self, name: str) -> Optional[Target]:
+        if ":" not in name:
+            return None
+        prefix, uid = name.split(":", 1)
+        p = self.providers.get(prefix)
+        if p is None or not p.offered or not uid:
+            return None
+        card = p.card(uid)
+        return Target(p, uid, card) if card is not None else None
+
+    def alias_name(self, name: str) -> Optional[str]:
+        if name in self.aliases:
+            return name
+        if name.endswith(":latest") and name[:-7] in self.aliases:
+            return name[:-7]
+        return None
+
+    def resolve(self, name: str) -> list:
+        """Targets to try in order; raises the Ollama 404 when there are none."""
+        if not isinstance(name, str) or not name:
+            raise model_not_found(str(name or ""))
+        alias = self.alias_name(name)
+        if alias is None:
+            t = self._direct(name)
+            if t is not None:
+                return [t]
+            raise model_not_found(name)
+        targets = [t for t in (self._direct(x) for x in self.aliases[alias]) if t is not None]
+        if not targets:
+            raise model_not_found(name)
+        return targets
+
+    def card(self, name: str) -> ModelCard:
+        """The card a client sees for a name: an alias shows its first target's details."""
+        t = self.resolve(name)[0]
+        alias = self.alias_name(name)
+        return replace(t.card, name=alias) if alias else t.card
+
+    def list_cards(self) -> list:
+        cards = []
+        for p in self.providers.values():
+            if p.offered:
+                cards.extend(p.models())
+        for alias in self.aliases:
+            try:
+                cards.append(replace(self.resolve(alias)[0].card, name=alias))
+            except GatewayError:
+                continue   # every target unavailable: the alias is not offered either
+        return cards
+
+    def loaded(self) -> list:
+        out = []
+        for p in self.providers.values():
+            out.extend(p.loaded())
+        return out
+
+    # ---- work ---------------------------------------------------------------------------
+    def chat(self, req: ChatRequest) -> Iterator[Chunk]:
+        """A chunk iterator whose first chunk has already been fetched: any failure before
+        it raises here, after trying every alias target."""
+        targets = self.resolve(req.model)
+        last: Optional[GatewayError] = None
+        for i, t in enumerate(targets):
+            gen = t.provider.chat(req, t.upstream_id)
+            try:
+                first = next(gen)
+            except StopIteration:
+                first = Chunk(done=True, done_reason="stop")
+            except GatewayError as e:
+                _close(gen)
+                last = e
+                if len(targets) > 1 and e.status in _FAILOVER and i + 1 < len(targets):
+                    log.warning("alias %s: target %s failed (%s); trying the next", req.model,
+                                t.card.name, e.status)
+                    continue
+                raise
+            except BaseException:
+                _close(gen)
+                raise
+            return _prepend(first, gen, t)
+        raise last  # pragma: no cover - the loop always returns or raises
+
+    def embed(self, req: EmbedRequest):
+        """(EmbedResult, the target that answered)."""
+        targets = self.resolve(req.model)
+        for i, t in enumerate(targets):
+            try:
+                return t.provider.embed(req, t.upstream_id), t
+            except GatewayError as e:
+                if len(targets) > 1 and e.status in _FAILOVER and i + 1 < len(targets):
+                    continue
+                raise
+
+    def load(self, name: str, keep_alive) -> None:
+        t = self.resolve(name)[0]
+        t.provider.load(t.upstream_id, keep_alive)
+
+    def unload(self, name: str) -> None:
+        t = self.resolve(name)[0]
+        t.provider.unload(t.upstream_id)
+
+    def target(self, name: str) -> Target:
+        return self.resolve(name)[0]
+
+
+class _prepend:
+    """Iterator of `first` then the rest of `gen`; close() reaches the provider's
+    generator so a client disconnect closes the upstream at once."""
+    __slots__ = ("_first", "_gen", "target")
+
+    def __init__(self, first, gen, target=None):
+        self._first, self._gen, self.target = first, gen, target
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        f = self._first
+        if f is not None:
+            self._first = None
+            return f
+        return next(self._gen)
+
+    def close(self):
+        _close(self._gen)
+
+
+def _close(gen):
+    try:
+        gen.close()
+    except Exception:
+        log.debug("error closing a chunk generator", exc_info=True)
