@@ -187,6 +187,7 @@ class RemoteProvider(Provider):
         try:
             for data in iter_sse_data(resp):
                 if data == "[DONE]":
+                    resp.sse_done = True   # lets an adapter tell [DONE] from a cut stream
                     return
                 try:
                     obj = json.loads(data)
@@ -203,7 +204,11 @@ class RemoteProvider(Provider):
 
 def read_error_body(resp: requests.Response, limit: int = 65536):
     try:
-        raw = resp.raw.read(limit, decode_content=True) if resp.raw is not None else b""
+        if getattr(resp, "_content_consumed", False):
+            # stream=False: requests has already drained raw into resp.content.
+            raw = (resp.content or b"")[:limit]
+        else:
+            raw = resp.raw.read(limit, decode_content=True) if resp.raw is not None else b""
     except Exception:
         raw = b""
     finally:
