@@ -125,7 +125,8 @@ def build_settings(raw, file: str = "<dict>", env=None) -> Settings:
         raise ConfigError(file, "(top level)", "must be a mapping with server/providers/aliases")
     raw = expand_env(raw, env)
     s = Settings(file=file, raw=raw)
-    server = raw.get("server") or {}
+    server = raw.get("server")
+    server = {} if server is None else server
     if not isinstance(server, dict):
         raise ConfigError(file, "server", "must be a mapping")
     s.host = str(server.get("host", s.host))
@@ -144,7 +145,8 @@ def build_settings(raw, file: str = "<dict>", env=None) -> Settings:
     s.usage_db = server.get("usage_db")
     s.version = str(server.get("version", s.version))
 
-    providers = raw.get("providers") or {}
+    providers = raw.get("providers")
+    providers = {} if providers is None else providers
     if not isinstance(providers, dict):
         raise ConfigError(file, "providers", "must be a mapping of provider name to settings")
     for name, p in providers.items():
@@ -194,7 +196,8 @@ def build_settings(raw, file: str = "<dict>", env=None) -> Settings:
         p["type"] = ptype
         s.providers[name] = p
 
-    aliases = raw.get("aliases") or {}
+    aliases = raw.get("aliases")
+    aliases = {} if aliases is None else aliases
     if not isinstance(aliases, dict):
         raise ConfigError(file, "aliases", "must be a mapping of alias to a list of model names")
     for name, targets in aliases.items():

@@ -1,0 +1,123 @@
+"""Config loading, config errors at start, listen-address precedence, client auth."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from app import listen_address
+from gateway.settings import ConfigError, build_settings, load_settings
+from tests.conftest import ROOT, free_port, remote_config, wait_http
+
+
+def test_shipped_config_loads_and_expands_keys():
+    s = load_settings(os.path.join(ROOT, "config", "gateway.yaml"),
+                      env={"GOOGLE_API_KEYS": "g1, g2", "OPENROUTER_API_KEYS": ""})
+    assert s.providers["google"]["api_keys"] == ["g1", "g2"]
+    assert s.providers["openrouter"]["api_keys"] == []
+    assert s.providers["local"]["type"] == "local"
+    assert s.aliases["fast"][0] == "google:gemini-2.5-flash"
+    assert (s.host, s.port) == ("127.0.0.1", 11434)
+
+
+@pytest.mark.parametrize("cfg,path", [
+    ({"providers": {"google": {"type": "gemini", "base_url": "https://x", "api_keys": 5}}}, "providers.google.api_keys"),
+    ({"providers": {"g": {"type": "nope"}}}, "providers.g.type"),
+    ({"providers": {"g": {"type": "openai", "base_url": "ftp://x"}}}, "providers.g.base_url"),
+    ({"providers": {"g": {"type": "openai", "base_url": "http://x", "timeout": "soon"}}}, "providers.g.timeout"),
+    ({"providers": {"l": {"type": "local", "models": {"m": {}}}}}, "providers.l.models.m"),
+    ({"providers": {"l": {"type": "local", "memory_budget": "lots"}}}, "providers.l.memory_budget"),
+    ({"providers": {"l": {"type": "local", "keep_alive": "forever"}}}, "providers.l.keep_alive"),
+    ({"server": {"port": 99999}}, "server.port"),
+    ({"providers": {}, "aliases": {"fast": ["nowhere:x"]}}, "aliases.fast"),
+    ({"server": []}, "server"),
+])
+def test_config_errors_name_the_key_path(cfg, path):
+    with pytest.raises(ConfigError) as e:
+        build_settings(cfg, "my.yaml", env={})
+    assert e.value.path == path
+    assert "my.yaml" in str(e.value) and path in str(e.value)
+
+
+def test_api_keys_accept_list_or_comma_string():
+    s = build_settings({"providers": {"a": {"type": "openai", "base_url": "http://x", "api_keys": "k1,k2 , k3"},
+                                      "b": {"type": "openai", "base_url": "http://x", "api_keys": ["k4", "k5"]}}},
+                       env={})
+    assert s.providers["a"]["api_keys"] == ["k1", "k2", "k3"]
+    assert s.providers["b"]["api_keys"] == ["k4", "k5"]
+
+
+def test_listen_precedence():
+    s = build_settings({"server": {"host": "10.0.0.1", "port": 1234}}, env={})
+
+    class A:
+        host = None
+        port = None
+        bind = None
+    assert listen_address(A, s, env={}) == ("10.0.0.1", 1234)
+    assert listen_address(A, s, env={"PORT": "7"}) == ("10.0.0.1", 7)
+    assert listen_address(A, s, env={"GATEWAY_PORT": "8", "PORT": "7", "GATEWAY_HOST": "0.0.0.0"}) == ("0.0.0.0", 8)
+    a = A()
+    a.port, a.host = 9, "127.0.0.2"
+    assert listen_address(a, s, env={"GATEWAY_PORT": "8"}) == ("127.0.0.2", 9)
+    assert listen_address(A, build_settings({}, env={}), env={}) == ("127.0.0.1", 11434)
+
+
+def test_bad_config_stops_start_with_one_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("providers:\n  google:\n    type: gemini\n    base_url: https://x\n    api_keys: {a: 1}\n")
+    for cmd in ([sys.executable, "app.py", "--config", str(bad)],
+                [os.path.join(os.path.dirname(sys.executable), "gunicorn"), "-c", "gunicorn.conf.py", "wsgi:app"]):
+        t = time.time()
+        p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60,
+                           env={**os.environ, "GATEWAY_CONFIG": str(bad), "HOME": str(tmp_path)})
+        assert p.returncode != 0
+        assert time.time() - t < 30
+        line = [x for x in p.stderr.splitlines() if "config error" in x]
+        assert line and str(bad) in line[0] and "providers.google.api_keys" in line[0], p.stderr
+
+
+def test_dev_server_serves(tmp_path, fake_upstream):
+    from tests.conftest import write_config
+    path = write_config(remote_config(fake_upstream), str(tmp_path))
+    port = free_port()
+    p = subprocess.Popen([sys.executable, "app.py", "--config", path, "--port", str(port)], cwd=ROOT)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/", proc=p)
+        import requests
+        r = requests.post(f"http://127.0.0.1:{port}/api/chat", json={
+            "model": "oai:echo", "stream": False, "messages": [{"role": "user", "content": "dev"}]})
+        assert r.json()["message"]["content"] == "Echo: dev"
+    finally:
+        p.terminate()
+        p.wait(10)
+
+
+def test_client_auth(make_app, fake_upstream):
+    cfg = remote_config(fake_upstream)
+    cfg["server"]["api_keys"] = ["sekret-client-key"]
+    c = make_app(cfg).test_client()
+    assert c.get("/").status_code == 200
+    assert c.head("/").status_code == 200
+    assert c.get("/api/version").status_code == 200
+    assert c.options("/api/chat", headers={"Origin": "http://localhost:3000"}).status_code == 204
+    r = c.get("/api/tags")
+    assert r.status_code == 401 and "API key" in r.json["error"]
+    r = c.get("/v1/models")
+    assert r.status_code == 401 and r.json["error"]["type"] == "authentication_error"
+    assert c.get("/api/tags", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert c.get("/api/tags", headers={"Authorization": "Bearer sekret-client-key"}).status_code == 200
+    r = c.post("/api/chat", headers={"Authorization": "Bearer sekret-client-key"},
+               json={"model": "oai:echo", "stream": False, "messages": [{"role": "user", "content": "a"}]})
+    assert r.status_code == 200
+
+
+def test_host_header_allowlist_on_loopback(make_app, fake_upstream):
+    c = make_app(remote_config(fake_upstream)).test_client()
+    assert c.get("/api/tags", headers={"Host": "localhost:11434"}).status_code == 200
+    assert c.get("/api/tags", headers={"Host": "127.0.0.1:11434"}).status_code == 200
+    r = c.get("/api/tags", headers={"Host": "attacker.example.com"})
+    assert r.status_code == 403 and "not allowed" in r.json["error"]
