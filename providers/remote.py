@@ -15,6 +15,7 @@ from typing import Iterator, Optional
 import requests
 from requests.adapters import HTTPAdapter
 
+from gateway import reqctx
 from gateway.errors import (BadRequest, GatewayError, Passthrough, RateLimited, UpstreamFailed,
                             UpstreamTimeout, scrub)
 from providers.base import Provider
@@ -139,6 +140,7 @@ class RemoteProvider(Provider):
             if resp.status_code < 400:
                 self.pool.mark_ok(idx)
                 log.debug("provider=%s key_index=%d status=%d", self.name, idx, resp.status_code)
+                reqctx.note(provider=self.name, key_index=idx)
                 resp.key_index = idx
                 if stream:
                     set_idle_timeout(resp, self.idle_timeout)

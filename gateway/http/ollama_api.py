@@ -5,6 +5,7 @@ import time
 
 from flask import Blueprint, Response, current_app, request
 
+from gateway import reqctx
 from gateway.canonical import Chunk, EmbedRequest
 from gateway.durations import rfc3339
 from gateway.errors import BadRequest, GatewayError, model_not_found
@@ -81,7 +82,7 @@ def _run(req, kind: str):
     if not has_input:
         return _load_or_unload(req, kind)
     tally = Tally(t0)
-    record = {"route": request.path, "model": req.model, "stream": req.stream}
+    record = reqctx.begin({"route": request.path, "model": req.model, "stream": req.stream})
     chunks = start_chat(st, req, tally, record)
 
     def finish(t):
@@ -186,7 +187,7 @@ def _embed(model, inputs, body):
                        dimensions=get_number(body, "dimensions", integer=True, minimum=1),
                        keep_alive=parse_keep_alive_field(body), options=parse_options(body.get("options")))
     st = state()
-    record = {"route": request.path, "model": model, "stream": False}
+    record = reqctx.begin({"route": request.path, "model": model, "stream": False})
     try:
         result, target = st.router.embed(req)
     except GatewayError as e:

@@ -10,6 +10,7 @@ import uuid
 
 from flask import Blueprint, Response, current_app, request
 
+from gateway import reqctx
 from gateway.canonical import ChatRequest, Chunk, EmbedRequest, Message, ToolCall
 from gateway.errors import BadRequest, GatewayError
 from gateway.http import ollama_wire
@@ -167,7 +168,7 @@ def _error_event(e: GatewayError) -> str:
 
 def _serve(req: ChatRequest, tally: Tally, render_chunk, render_whole):
     st = state()
-    record = {"route": request.path, "model": req.model, "stream": req.stream}
+    record = reqctx.begin({"route": request.path, "model": req.model, "stream": req.stream})
     chunks = start_chat(st, req, tally, record)
 
     def finish(t):
@@ -277,7 +278,7 @@ def embeddings():
                        dimensions=get_number(body, "dimensions", integer=True, minimum=1))
     st = state()
     t0 = time.perf_counter()
-    record = {"route": request.path, "model": model, "stream": False}
+    record = reqctx.begin({"route": request.path, "model": model, "stream": False})
     try:
         result, target = st.router.embed(req)
     except GatewayError as e:
