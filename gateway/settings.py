@@ -35,7 +35,7 @@ class Settings:
     cors_origins: list = field(default_factory=list)
     allowed_hosts: list = field(default_factory=list)
     max_body_mb: float = 10.0
-    heartbeat: float = 0.0
+    heartbeat: float = 10.0
     log_prompts: bool = False
     log_level: str = "INFO"
     usage_db: Optional[str] = None
@@ -139,7 +139,7 @@ def build_settings(raw, file: str = "<dict>", env=None) -> Settings:
     s.cors_origins = key_list(server.get("cors_origins"), file, "server.cors_origins")
     s.allowed_hosts = key_list(server.get("allowed_hosts"), file, "server.allowed_hosts")
     s.max_body_mb = _num(server, "max_body_mb", file, "server", 10.0, 0.001)
-    s.heartbeat = _num(server, "heartbeat", file, "server", 0.0, 0.0)
+    s.heartbeat = _num(server, "heartbeat", file, "server", 10.0, 0.0)
     s.log_prompts = bool(server.get("log_prompts", False))
     s.log_level = str(server.get("log_level", "INFO")).upper()
     s.usage_db = server.get("usage_db")

@@ -275,3 +275,30 @@ def test_mid_stream_failure_ends_with_error_line(make_app, fake_upstream):
     out = lines(r)
     assert "error" in out[-1] and "cut-1" not in out[-1]["error"]
     assert any(c.get("message", {}).get("content") for c in out[:-1])
+
+
+def test_heartbeats_while_upstream_is_silent(make_app, fake_upstream):
+    cfg = remote_config(fake_upstream)
+    cfg["server"]["heartbeat"] = 0.5
+    cfg["providers"]["oai"]["api_keys"] = ["slow-hb"]     # 3 s before the upstream answers
+    c = make_app(cfg).test_client()
+    out = lines(c.post("/api/chat", json={"model": "oai:echo", "messages": [{"role": "user", "content": "zz"}]}))
+    beats = [o for o in out if not o["done"] and o["message"]["content"] == ""]
+    assert len(beats) >= 3
+    assert "".join(o["message"]["content"] for o in out) == "Echo: zz" and out[-1]["done"]
+    r = c.post("/v1/chat/completions", json={"model": "oai:echo", "stream": True,
+                                             "messages": [{"role": "user", "content": "zz"}]})
+    text = r.get_data(as_text=True)
+    assert text.count(": keep-alive\n\n") >= 3 and text.endswith("data: [DONE]\n\n")
+    out = lines(c.post("/api/generate", json={"model": "oai:echo", "prompt": "zz"}))
+    assert all(o["response"] for o in out[:-1]), "no heartbeats on /api/generate"
+
+
+def test_heartbeat_then_failure_is_an_error_line(make_app, fake_upstream):
+    cfg = remote_config(fake_upstream)
+    cfg["server"]["heartbeat"] = 0.5
+    cfg["providers"]["oai"]["api_keys"] = ["slow-x"]
+    cfg["providers"]["oai"]["timeout"] = 1.2
+    c = make_app(cfg).test_client()
+    out = lines(c.post("/api/chat", json={"model": "oai:echo", "messages": [{"role": "user", "content": "zz"}]}))
+    assert "error" in out[-1] and "timed out" in out[-1]["error"]

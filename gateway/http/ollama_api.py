@@ -11,6 +11,7 @@ from gateway.durations import rfc3339
 from gateway.errors import BadRequest, GatewayError, model_not_found
 from gateway.http import ollama_wire as wire
 from gateway.http.common import get_bool, get_model, get_number, parse_keep_alive_field, parse_options, read_json_body
+from gateway.http.heartbeat import Deferred, await_first
 from gateway.http.streaming import Tally, collect, drive
 
 bp = Blueprint("ollama", __name__)
@@ -83,7 +84,7 @@ def _run(req, kind: str):
         return _load_or_unload(req, kind)
     tally = Tally(t0)
     record = reqctx.begin({"route": request.path, "model": req.model, "stream": req.stream})
-    chunks = start_chat(st, req, tally, record)
+    chunks = start_chat(st, req, tally, record, heartbeat=(kind == "chat"))
 
     def finish(t):
         record.update(t.summary())
@@ -127,15 +128,25 @@ def _run(req, kind: str):
     def on_error(e):
         return wire.dumps({"error": e.message}) + "\n"
 
-    body = drive(chunks, tally, on_chunk, on_error, finish)
+    # No heartbeat on /api/generate: its clients reject empty non-final chunks.
+    beat = (head + rfc3339() + '","message":{"role":"assistant","content":""},"done":false}\n'
+            if kind == "chat" else None)
+    body = drive(chunks, tally, on_chunk, on_error, finish, heartbeat=beat)
     return Response(body, mimetype=NDJSON, headers=STREAM_HEADERS)
 
 
-def start_chat(st, req, tally, record):
+def start_chat(st, req, tally, record, heartbeat=False):
     """Ask the router for the answer's first chunk; an early failure is recorded and
-    raised (the error handler renders it with a real status)."""
+    raised (the error handler renders it with a real status). With `heartbeat`, a slow
+    first chunk gives a Deferred iterator that yields None while it waits."""
+    interval = st.settings.heartbeat
     try:
-        chunks = st.router.chat(req)
+        if heartbeat and interval > 0 and req.stream:
+            chunks, pending = await_first(lambda: st.router.chat(req), interval)
+            if pending is not None:
+                return Deferred(pending, interval)
+        else:
+            chunks = st.router.chat(req)
     except GatewayError as e:
         tally.error = e
         record.update(tally.summary())

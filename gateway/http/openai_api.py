@@ -169,7 +169,7 @@ def _error_event(e: GatewayError) -> str:
 def _serve(req: ChatRequest, tally: Tally, render_chunk, render_whole):
     st = state()
     record = reqctx.begin({"route": request.path, "model": req.model, "stream": req.stream})
-    chunks = start_chat(st, req, tally, record)
+    chunks = start_chat(st, req, tally, record, heartbeat=True)
 
     def finish(t):
         record.update(t.summary())
@@ -184,7 +184,7 @@ def _serve(req: ChatRequest, tally: Tally, render_chunk, render_whole):
             raise
         finish(tally)
         return json_response(render_whole(tally))
-    return Response(drive(chunks, tally, render_chunk, _error_event, finish), mimetype=SSE,
+    return Response(drive(chunks, tally, render_chunk, _error_event, finish, heartbeat=": keep-alive\n\n"), mimetype=SSE,
                     headers=STREAM_HEADERS)
 
 

@@ -74,11 +74,16 @@ class Tally:
         }
 
 
-def drive(chunks, tally: Tally, on_chunk, on_error, on_finish):
+def drive(chunks, tally: Tally, on_chunk, on_error, on_finish, heartbeat=None):
     """Yield what the callbacks render for each chunk; end with on_error's rendering on a
-    failure. Always closes `chunks` (a client disconnect closes the upstream)."""
+    failure. Always closes `chunks` (a client disconnect closes the upstream). A None
+    item from `chunks` is a heartbeat while the answer has not started."""
     try:
         for ch in chunks:
+            if ch is None:
+                if heartbeat:
+                    yield heartbeat
+                continue
             tally.add(ch)
             out = on_chunk(ch)
             if out:
