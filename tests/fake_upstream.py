@@ -7,6 +7,8 @@ Behaviour is chosen by the API key (so one server serves every scenario at once)
   err...     500                       invalid... Gemini 400 API_KEY_INVALID
   slow...    waits 3 s before headers  cut...    streams 2 chunks, then drops the connection
   echokey... 500 whose body echoes the key (tests scrubbing)
+  garbage... a malformed JSON event mid-stream    nodone... stream ends with no finish, no [DONE]
+  trunc...   stream cut in the middle of an event
 and by the model id:  "chunks-N-D" streams N chunks D ms apart; "missing" → 404;
 "tools" → answers with a tool call; anything else echoes the last user message.
 GET /_stats → {"requests": {key: n}, "open_streams": n, "bodies": [last 20 bodies]}.
@@ -144,6 +146,12 @@ def openai_chat(body, key, start):
     if (body.get("stream_options") or {}).get("include_usage"):
         events.append("data: " + json.dumps({**base, "choices": [], "usage": usage}) + "\n\n")
     events.append("data: [DONE]\n\n")
+    if key.startswith("garbage"):
+        events.insert(2, "data: {this is not json\n\n")
+    elif key.startswith("nodone"):
+        events = events[:3]
+    elif key.startswith("trunc"):
+        events = events[:3] + [events[3][:25]]
     return _sse(start, events, delay, cut_after=3 if key.startswith("cut") else None)
 
 
