@@ -32,7 +32,7 @@ bench: install-test
 	$(PY) -m bench.run
 
 lint: install-test
-	$(PY) -m pyflakes app.py wsgi.py gunicorn.conf.py gateway providers tests bench 2>/dev/null || true
+	$(VENV)/bin/ruff check --select E,F,W --ignore E501 app.py wsgi.py gunicorn.conf.py gateway providers tests bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import time
 from collections import Counter, deque
 
 from gevent import monkey
