@@ -121,3 +121,15 @@ def test_host_header_allowlist_on_loopback(make_app, fake_upstream):
     assert c.get("/api/tags", headers={"Host": "127.0.0.1:11434"}).status_code == 200
     r = c.get("/api/tags", headers={"Host": "attacker.example.com"})
     assert r.status_code == 403 and "not allowed" in r.json["error"]
+
+
+def test_auth_exemptions_are_exactly_the_contracts(make_app, fake_upstream):
+    cfg = remote_config(fake_upstream)
+    cfg["server"]["api_keys"] = "k-one,k-two"
+    c = make_app(cfg).test_client()
+    assert c.get("/health").status_code == 200
+    assert c.head("/api/version").status_code == 200
+    assert c.post("/api/version").status_code in (401, 405)
+    for path in ("/api/ps", "/health/ready", "/metrics", "/v1/models/oai:echo"):
+        assert c.get(path).status_code == 401, path
+    assert c.get("/api/ps", headers={"Authorization": "Bearer k-two"}).status_code == 200

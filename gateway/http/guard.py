@@ -32,7 +32,7 @@ class Guard:
     def check_auth(self) -> None:
         if not self.keys or request.method == "OPTIONS":
             return
-        if request.path in _EXEMPT or request.path.startswith("/health"):
+        if request.path.rstrip("/") in _EXEMPT or request.path == "/":
             if request.method in ("GET", "HEAD"):
                 return
         header = request.headers.get("Authorization", "")
