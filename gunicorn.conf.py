@@ -1,8 +1,8 @@
 """gunicorn settings: `gunicorn -c gunicorn.conf.py wsgi:app`.
 
-One gevent worker by default: each worker process would load its own copies of local
-models and keep its own key rest state. With only remote providers, set
-GATEWAY_WORKERS=<cores> (key rests are then per worker; see README)."""
+Workers: GATEWAY_WORKERS if set; else one gevent worker when a local provider is
+configured (each worker process would load its own copies of the models), else one per
+core. Key rest state is per worker (see README, "Deployment")."""
 import os
 import sys
 
@@ -21,7 +21,15 @@ _host = os.environ.get("GATEWAY_HOST") or _settings.host
 _port = os.environ.get("GATEWAY_PORT") or os.environ.get("PORT") or _settings.port
 bind = os.environ.get("GATEWAY_BIND") or f"{_host}:{_port}"
 worker_class = "gevent"
-workers = int(os.environ.get("GATEWAY_WORKERS", "1"))
+
+
+def _default_workers(settings) -> int:
+    if any(p.get("type") == "local" for p in settings.providers.values()):
+        return 1
+    return os.cpu_count() or 1
+
+
+workers = int(os.environ.get("GATEWAY_WORKERS") or _default_workers(_settings))
 worker_connections = int(os.environ.get("GATEWAY_WORKER_CONNECTIONS", "4096"))
 timeout = 0                 # streams may run long; gevent workers heartbeat on their own
 graceful_timeout = int(os.environ.get("GATEWAY_GRACEFUL_TIMEOUT", "30"))
@@ -37,3 +45,23 @@ if os.environ.get("GATEWAY_CONTROL_SOCKET"):
     control_socket = os.environ["GATEWAY_CONTROL_SOCKET"]
 else:
     control_socket_disable = True
+
+# Prometheus multiprocess mode when several workers serve /metrics, and a last flush of
+# the usage log when a worker exits (gateway/ops/gunicorn_hooks.py).
+from gateway.ops import gunicorn_hooks as _hooks  # noqa: E402
+
+
+def on_starting(server):
+    _hooks.on_starting(server)
+
+
+def child_exit(server, worker):
+    _hooks.child_exit(server, worker)
+
+
+def on_exit(server):
+    _hooks.on_exit(server)
+
+
+def worker_exit(server, worker):
+    _hooks.worker_exit(server, worker)

@@ -63,7 +63,7 @@ def fake_upstream():
 def remote_config(upstream: str, **over) -> dict:
     """A config with one openai-type and one gemini-type provider on the fake upstream."""
     cfg = {
-        "server": {"host": "127.0.0.1", "port": 0},
+        "server": {"host": "127.0.0.1", "port": 0, "usage_db": ""},
         "providers": {
             "oai": {"type": "openai", "base_url": upstream + "/v1", "api_keys": ["ok-oai-1", "ok-oai-2"],
                     "models": ["echo", "chunks-32-0", "meta/llama:free"], "timeout": 5,

@@ -1,0 +1,69 @@
+"""GET /health (liveness) and GET /health/ready (readiness with provider detail).
+
+/health does no work at all, so an orchestrator's probe never waits on a busy model.
+/health/ready asks every provider for its health(); key pools only ever report keys by
+index, and the whole answer is run through scrub() as well, so no key can slip out even
+if a provider put one in an error string.
+"""
+from __future__ import annotations
+
+import json
+import logging
+
+from gateway.errors import scrub
+
+log = logging.getLogger("gateway.ops")
+
+
+def _loaded_names(p) -> list:
+    out = []
+    for lm in p.loaded() or []:
+        card = getattr(lm, "card", None)
+        out.append({"model": getattr(card, "name", None) or getattr(card, "upstream_id", None),
+                    "size": getattr(lm, "size", None), "size_vram": getattr(lm, "size_vram", None)})
+    return out
+
+
+def provider_report(name, p) -> dict:
+    try:
+        h = dict(p.health() or {})
+    except Exception as e:
+        log.warning("health: provider %s failed to report: %s", name, type(e).__name__)
+        h = {"error": type(e).__name__}
+    h.setdefault("type", getattr(p, "type_name", None))
+    h["offered"] = bool(getattr(p, "offered", False))
+    # Local providers: what is loaded and how many wait, whatever health() itself says.
+    depth = getattr(p, "queue_depth", None)
+    if callable(depth) or getattr(p, "type_name", None) == "local":
+        try:
+            h["loaded_models"] = _loaded_names(p)
+            if callable(depth):
+                h["queue_depth"] = depth()
+        except Exception as e:
+            h["local_error"] = type(e).__name__
+    return h
+
+
+def readiness(state) -> tuple:
+    providers = {name: provider_report(name, p) for name, p in list(state.router.providers.items())}
+    offered = [n for n, h in providers.items() if h.get("offered")]
+    body = {"status": "ready" if offered else "unavailable",
+            "config": {"file": state.settings.file, "loaded": True},
+            "offered": offered,
+            "providers": providers}
+    return body, (200 if offered else 503)
+
+
+def install(app, state) -> None:
+    from flask import Response
+
+    @app.route("/health", methods=["GET", "HEAD"])
+    def health():
+        return Response('{"status":"ok"}', mimetype="application/json")
+
+    @app.route("/health/ready", methods=["GET", "HEAD"])
+    def ready():
+        body, status = readiness(state)
+        text = scrub(json.dumps(body, ensure_ascii=False, default=str))
+        return Response(text, status=status, mimetype="application/json",
+                        headers={"Cache-Control": "no-store"})
