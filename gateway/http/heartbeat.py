@@ -9,15 +9,47 @@ from __future__ import annotations
 import contextvars
 import threading
 
+_gevent = None   # the gevent module when threading is monkey-patched (gunicorn's worker)
+
+
+def _green():
+    global _gevent
+    if _gevent is None:
+        try:
+            from gevent import monkey
+            if monkey.is_module_patched("threading"):
+                import gevent
+                import gevent.event
+                _gevent = gevent
+            else:
+                _gevent = False
+        except ImportError:
+            _gevent = False
+    return _gevent
+
+
+def _background(fn, *args):
+    """Run fn(*args) concurrently: a bare greenlet under gevent (a patched Thread costs
+    several times more per request: its own locks, Event and bookkeeping), else a thread."""
+    g = _green()
+    if g:
+        g.spawn(fn, *args)
+    else:
+        threading.Thread(target=fn, args=args, daemon=True).start()
+
+
+def _event():
+    g = _green()
+    return g.event.Event() if g else threading.Event()
+
 
 class FirstChunk:
     def __init__(self, start):
-        self._done = threading.Event()
+        self._done = _event()
         self.chunks = None
         self.error = None
         ctx = contextvars.copy_context()   # the request record travels with the work
-        t = threading.Thread(target=ctx.run, args=(self._run, start), daemon=True)
-        t.start()
+        _background(ctx.run, self._run, start)
 
     def _run(self, start):
         try:
@@ -67,7 +99,7 @@ class Deferred:
                 close()
         elif self.pending is not None:
             # The answer is still starting: close it as soon as it arrives.
-            threading.Thread(target=self._close_later, daemon=True).start()
+            _background(self._close_later)
 
     def _close_later(self):
         self.pending.wait(None)

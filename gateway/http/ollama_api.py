@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from json.encoder import encode_basestring
 
 from flask import Blueprint, Response, current_app, request
 
@@ -10,11 +11,27 @@ from gateway.canonical import Chunk, EmbedRequest
 from gateway.durations import rfc3339
 from gateway.errors import BadRequest, GatewayError, model_not_found
 from gateway.http import ollama_wire as wire
-from gateway.http.common import get_bool, get_model, get_number, parse_keep_alive_field, parse_options, read_json_body
+from gateway.http.common import (get_bool, get_model, get_number, parse_keep_alive_field, parse_options,
+                                 read_json_body, run_embed)
 from gateway.http.heartbeat import Deferred, await_first
 from gateway.http.streaming import Tally, collect, drive
 
 bp = Blueprint("ollama", __name__)
+encode_str = encode_basestring   # == wire.dumps(a str), ensure_ascii=False, in C
+_stamp = (-1, "")                # (second, "YYYY-MM-DDTHH:MM:SS") of the last timestamp
+
+
+def now_rfc3339() -> str:
+    """durations.rfc3339() for now, formatting the date part once per second (it was a
+    time.strftime + gmtime per streamed chunk)."""
+    global _stamp
+    sec, frac = divmod(time.time_ns(), 1_000_000_000)
+    stamp = _stamp
+    if stamp[0] != sec:
+        stamp = _stamp = (sec, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec)))
+    return f"{stamp[1]}.{frac:09d}Z"
+
+
 NDJSON = "application/x-ndjson"
 STREAM_HEADERS = {"X-Accel-Buffering": "no", "Cache-Control": "no-cache"}
 
@@ -117,13 +134,13 @@ def _run(req, kind: str):
                     msg["tool_calls"] = wire.tool_calls_out(ch.tool_calls)
                 return wire.dumps({"model": req.model, "created_at": rfc3339(), "message": msg,
                                    "done": False}) + "\n"
-            return head + rfc3339() + key + wire.dumps(ch.content) + '},"done":false}\n'
+            return head + now_rfc3339() + key + encode_str(ch.content) + '},"done":false}\n'
         if ch.thinking:
             return wire.dumps({"model": req.model, "created_at": rfc3339(), "response": ch.content,
                                "thinking": ch.thinking, "done": False}) + "\n"
         if not ch.content:   # LiteLLM rejects non-final generate chunks with empty response
             return None
-        return head + rfc3339() + key + wire.dumps(ch.content) + ',"done":false}\n'
+        return head + now_rfc3339() + key + encode_str(ch.content) + ',"done":false}\n'
 
     def on_error(e):
         return wire.dumps({"error": e.message}) + "\n"
@@ -132,7 +149,8 @@ def _run(req, kind: str):
     beat = (head + rfc3339() + '","message":{"role":"assistant","content":""},"done":false}\n'
             if kind == "chat" else None)
     body = drive(chunks, tally, on_chunk, on_error, finish, heartbeat=beat)
-    return Response(body, mimetype=NDJSON, headers=STREAM_HEADERS)
+    # drive() yields bytes: direct_passthrough skips werkzeug's per-chunk re-encoding wrappers
+    return Response(body, mimetype=NDJSON, headers=STREAM_HEADERS, direct_passthrough=True)
 
 
 def start_chat(st, req, tally, record, heartbeat=False):
@@ -140,6 +158,8 @@ def start_chat(st, req, tally, record, heartbeat=False):
     raised (the error handler renders it with a real status). With `heartbeat`, a slow
     first chunk gives a Deferred iterator that yields None while it waits."""
     interval = st.settings.heartbeat
+    if st.settings.log_prompts:          # opt-in only: prompts are people's data
+        record["prompt"] = prompt_text(req)
     try:
         if heartbeat and interval > 0 and req.stream:
             chunks, pending = await_first(lambda: st.router.chat(req), interval)
@@ -155,6 +175,16 @@ def start_chat(st, req, tally, record, heartbeat=False):
     target = getattr(chunks, "target", None)
     record["provider"] = target.provider.name if target else None
     return chunks
+
+
+def prompt_text(req, limit: int = 2000) -> str:
+    """What the caller asked, for the access log when `server.log_prompts` is on: the
+    generate prompt, or the last user message."""
+    text = req.prompt or ""
+    if not text:
+        users = [m for m in req.messages if m.role == "user"]
+        text = users[-1].content if users else ""
+    return (text or "")[:limit]
 
 
 def _final(req, kind, tally: Tally, whole: bool, last: Chunk = None) -> dict:
@@ -193,22 +223,10 @@ def generate():
 
 # ---- embeddings -------------------------------------------------------------------------
 def _embed(model, inputs, body):
-    t0 = time.perf_counter()
     req = EmbedRequest(model=model, inputs=inputs, truncate=get_bool(body, "truncate", True),
                        dimensions=get_number(body, "dimensions", integer=True, minimum=1),
                        keep_alive=parse_keep_alive_field(body), options=parse_options(body.get("options")))
-    st = state()
-    record = reqctx.begin({"route": request.path, "model": model, "stream": False})
-    try:
-        result, target = st.router.embed(req)
-    except GatewayError as e:
-        record.update(status=e.status, latency=time.perf_counter() - t0)
-        st.finished(record)
-        raise
-    record.update(status=200, provider=target.provider.name, latency=time.perf_counter() - t0,
-                  prompt_tokens=result.prompt_tokens)
-    st.finished(record)
-    return result, t0
+    return run_embed(state(), req)
 
 
 @bp.route("/api/embed", methods=["POST"])

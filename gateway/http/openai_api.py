@@ -7,6 +7,7 @@ import json
 import struct
 import time
 import uuid
+from json.encoder import encode_basestring
 
 from flask import Blueprint, Response, current_app, request
 
@@ -15,7 +16,7 @@ from gateway.canonical import ChatRequest, Chunk, EmbedRequest, Message, ToolCal
 from gateway.errors import BadRequest, GatewayError
 from gateway.http import ollama_wire
 from gateway.http.common import (get_bool, get_model, get_number, get_str, parse_format, parse_tools,
-                                 read_json_body, stop_list, strip_data_url)
+                                 read_json_body, run_embed, stop_list, strip_data_url)
 from gateway.http.ollama_api import start_chat
 from gateway.http.streaming import Tally, collect, drive
 
@@ -23,6 +24,7 @@ bp = Blueprint("openai", __name__, url_prefix="/v1")
 SSE = "text/event-stream"
 STREAM_HEADERS = {"X-Accel-Buffering": "no", "Cache-Control": "no-cache"}
 dumps = ollama_wire.dumps
+encode_str = encode_basestring   # == dumps(a str), ensure_ascii=False, in C
 _EFFORT = {"none": False, "minimal": "low", "low": "low", "medium": "medium", "high": "high",
            "max": "max", "xhigh": "max", "ultra": "max"}
 _FINISH = {"stop": "stop", "length": "length", "tool_calls": "tool_calls"}
@@ -184,8 +186,9 @@ def _serve(req: ChatRequest, tally: Tally, render_chunk, render_whole):
             raise
         finish(tally)
         return json_response(render_whole(tally))
-    return Response(drive(chunks, tally, render_chunk, _error_event, finish, heartbeat=": keep-alive\n\n"), mimetype=SSE,
-                    headers=STREAM_HEADERS)
+    # drive() yields bytes: direct_passthrough skips werkzeug's per-chunk re-encoding wrappers
+    return Response(drive(chunks, tally, render_chunk, _error_event, finish, heartbeat=": keep-alive\n\n"),
+                    mimetype=SSE, headers=STREAM_HEADERS, direct_passthrough=True)
 
 
 @bp.route("/chat/completions", methods=["POST"])
@@ -203,15 +206,19 @@ def chat_completions():
         if not sent_role[0]:
             sent_role[0] = True
             out.append(head + '{"role":"assistant","content":""}' + tail)
-        delta = {}
-        if ch.content:
-            delta["content"] = ch.content
-        if ch.thinking:
-            delta["reasoning"] = delta["reasoning_content"] = ch.thinking
-        if ch.tool_calls:
-            delta["tool_calls"] = _tool_calls(ch.tool_calls)
-        if delta:
-            out.append(head + dumps(delta) + tail)
+        if ch.content and not (ch.thinking or ch.tool_calls):
+            # the common case, without building and encoding a dict
+            out.append(head + '{"content":' + encode_str(ch.content) + "}" + tail)
+        else:
+            delta = {}
+            if ch.content:
+                delta["content"] = ch.content
+            if ch.thinking:
+                delta["reasoning"] = delta["reasoning_content"] = ch.thinking
+            if ch.tool_calls:
+                delta["tool_calls"] = _tool_calls(ch.tool_calls)
+            if delta:
+                out.append(head + dumps(delta) + tail)
         if ch.done:
             out.append(head + '{},"finish_reason":"' + _finish_reason(tally, ch) + '"}]}\n\n')
             if req.want_usage:
@@ -276,18 +283,7 @@ def embeddings():
         raise BadRequest('invalid value for field "encoding_format": expected "float" or "base64"')
     req = EmbedRequest(model=model, inputs=inputs,
                        dimensions=get_number(body, "dimensions", integer=True, minimum=1))
-    st = state()
-    t0 = time.perf_counter()
-    record = reqctx.begin({"route": request.path, "model": model, "stream": False})
-    try:
-        result, target = st.router.embed(req)
-    except GatewayError as e:
-        record.update(status=e.status, latency=time.perf_counter() - t0)
-        st.finished(record)
-        raise
-    record.update(status=200, provider=target.provider.name, latency=time.perf_counter() - t0,
-                  prompt_tokens=result.prompt_tokens)
-    st.finished(record)
+    result, _ = run_embed(state(), req)
     data = []
     for i, vec in enumerate(result.embeddings):
         emb = (base64.b64encode(struct.pack(f"<{len(vec)}f", *vec)).decode() if fmt == "base64" else vec)

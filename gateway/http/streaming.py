@@ -4,11 +4,22 @@ from __future__ import annotations
 
 import logging
 import time
+from contextvars import ContextVar
 
 from gateway.canonical import Chunk
 from gateway.errors import GatewayError, scrub
 
 log = logging.getLogger("gateway.stream")
+
+# Output coalescing. drive() puts a one-item list here while it streams; a provider that
+# knows the next chunk is already in hand (parsed from bytes that have arrived, e.g.
+# providers.remote.iter_sse_data) sets item 0 to True. drive() then keeps the rendered
+# chunk and sends it together with the next ones, in one write, instead of one write
+# (one syscall and one wake-up of the client) per chunk. Nothing waits on the network
+# while held: a hint is only True when the next event is already parsed. A provider that
+# never sets it (local models) gets one write per chunk, as before.
+more_ready: ContextVar = ContextVar("gateway_more_ready", default=None)
+_MAX_HELD = 64
 
 
 class Tally:
@@ -47,6 +58,7 @@ class Tally:
         end = self.t_end or time.perf_counter()
         return {"status": self.error.status if self.error else 200,
                 "error": self.error.message if self.error else None,
+                "error_class": type(self.error).__name__ if self.error else None,
                 "latency": end - self.t0, "ttft": self.ttft,
                 "prompt_tokens": f.prompt_tokens if f else None,
                 "completion_tokens": f.completion_tokens if f else None}
@@ -75,19 +87,28 @@ class Tally:
 
 
 def drive(chunks, tally: Tally, on_chunk, on_error, on_finish, heartbeat=None):
-    """Yield what the callbacks render for each chunk; end with on_error's rendering on a
-    failure. Always closes `chunks` (a client disconnect closes the upstream). A None
-    item from `chunks` is a heartbeat while the answer has not started."""
+    """Yield what the callbacks render for each chunk, as UTF-8 bytes (so a Response
+    can pass it straight to the server: `direct_passthrough=True`); end with on_error's
+    rendering on a failure. Always closes `chunks` (a client disconnect closes the
+    upstream). A None item from `chunks` is a heartbeat while the answer has not started.
+    Chunks that arrived together upstream go out in one piece (see `more_ready`)."""
+    hint = [False]
+    more_ready.set(hint)
+    held = []
     try:
         for ch in chunks:
             if ch is None:
                 if heartbeat:
-                    yield heartbeat
+                    yield heartbeat.encode()
                 continue
             tally.add(ch)
             out = on_chunk(ch)
             if out:
-                yield out
+                held.append(out)
+            if held and (ch.done or not hint[0] or len(held) >= _MAX_HELD):
+                out = held[0] if len(held) == 1 else "".join(held)
+                held.clear()
+                yield out.encode()
             if ch.done:
                 break
         else:
@@ -96,16 +117,22 @@ def drive(chunks, tally: Tally, on_chunk, on_error, on_finish, heartbeat=None):
             tally.add(ch)
             out = on_chunk(ch)
             if out:
-                yield out
+                held.append(out)
+            if held:
+                yield "".join(held).encode()
+                held.clear()
     except GatewayError as e:
         tally.error = e
         log.warning("stream failed after %d chunk(s): %s", tally.chunks, e.message)
-        yield on_error(e)
+        held.append(on_error(e))
+        yield "".join(held).encode()
     except Exception as e:  # never a traceback to the client; the log has it
         tally.error = GatewayError(f"internal error: {type(e).__name__}")
         log.error("stream crashed: %s", scrub(repr(e)))
-        yield on_error(tally.error)
+        held.append(on_error(tally.error))
+        yield "".join(held).encode()
     finally:
+        more_ready.set(None)
         close = getattr(chunks, "close", None)
         if close is not None:
             close()
