@@ -30,9 +30,12 @@ test: install-test
 
 bench: install-test
 	$(PY) -m bench.run
+	$(PY) -m bench.local
+	$(PY) -m bench.soak
 
 lint: install-test
 	$(VENV)/bin/ruff check --select E,F,W --ignore E501 app.py wsgi.py gunicorn.conf.py gateway providers tests bench
+	$(VENV)/bin/hadolint --no-color Dockerfile
 
 clean:
 	rm -rf $(VENV) .pytest_cache
