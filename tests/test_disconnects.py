@@ -70,13 +70,15 @@ def test_disconnect_closes_upstream_quickly_and_nothing_leaks(fake_upstream):
                                                  "messages": [{"role": "user", "content": "x"}]}, 100)
         wait_streams(fake_upstream, base, 3)
         before = open_fds(pid)
-        for _ in range(300):
+        for _ in range(500):
             start_and_drop(g.port, "/api/chat", {"model": "oai:chunks-2000-5",
                                                  "messages": [{"role": "user", "content": "x"}]}, 100)
         wait_streams(fake_upstream, base, 5)
         time.sleep(0.5)
         after = open_fds(pid)
         assert after <= before + 5, f"fds grew from {before} to {after}"
+        # every dropped stream's generator was closed (its greenlet ended with it)
+        assert requests.get(g.url + "/health/ready").json()["active_streams"] == 0
         # and the gateway still answers
         r = requests.post(g.url + "/api/chat", json={"model": "oai:echo", "stream": False,
                                                      "messages": [{"role": "user", "content": "still here"}]})

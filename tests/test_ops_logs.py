@@ -87,6 +87,28 @@ def test_one_json_line_per_request(make_app, fake_upstream):
     assert "secret prompt words" not in text and "client-log-key-1" not in text
 
 
+def test_log_prompts_opt_in_and_error_class_of_a_mid_stream_failure(make_app, fake_upstream):
+    cfg = remote_config(fake_upstream, server={"usage_db": "", "log_prompts": True})
+    cfg["providers"]["cut"] = {"type": "openai", "base_url": fake_upstream + "/v1", "api_keys": ["cut-1"],
+                               "models": ["chunks-8-0"], "timeout": 5}
+    c = make_app(cfg).test_client()
+    buf, h = _capture()
+    try:
+        c.post("/api/chat", json={"model": "oai:echo", "stream": False, **CHAT})
+        body = c.post("/api/chat", json={"model": "cut:chunks-8-0", **CHAT}).get_data(as_text=True)
+        emb = c.post("/api/embed", json={"model": "local:none", "input": "x"})
+    finally:
+        logging.getLogger("gateway.access").removeHandler(h)
+    assert '"error"' in body.splitlines()[-1]
+    assert emb.status_code == 404
+    ok, cut, missing = [json.loads(x) for x in buf.getvalue().splitlines()]
+    assert ok["prompt"] == "secret prompt words" and ok["error_class"] is None
+    assert cut["prompt"] == "secret prompt words"
+    assert cut["error_class"] == "UpstreamHTTPError", cut
+    assert cut["error"] and cut["status"] >= 500
+    assert missing["error_class"] == "NotFound" and missing["route"] == "/api/embed"
+
+
 def test_no_key_in_logs_or_answers_under_gunicorn(gunicorn_gateway, fake_upstream, tmp_path):
     client_keys = ["client-gunicorn-key-alpha", "client-gunicorn-key-beta"]
     leaky_oai = ["echokey-oai-leak-0001", "echokey-oai-leak-0002"]

@@ -20,6 +20,11 @@ log = logging.getLogger("gateway.stream")
 # never sets it (local models) gets one write per chunk, as before.
 more_ready: ContextVar = ContextVar("gateway_more_ready", default=None)
 _MAX_HELD = 64
+_active = 0      # streams being written now; a leak (a stream never closed) shows here
+
+
+def active_streams() -> int:
+    return _active
 
 
 class Tally:
@@ -92,9 +97,11 @@ def drive(chunks, tally: Tally, on_chunk, on_error, on_finish, heartbeat=None):
     rendering on a failure. Always closes `chunks` (a client disconnect closes the
     upstream). A None item from `chunks` is a heartbeat while the answer has not started.
     Chunks that arrived together upstream go out in one piece (see `more_ready`)."""
+    global _active
     hint = [False]
     more_ready.set(hint)
     held = []
+    _active += 1
     try:
         for ch in chunks:
             if ch is None:
@@ -132,6 +139,7 @@ def drive(chunks, tally: Tally, on_chunk, on_error, on_finish, heartbeat=None):
         held.append(on_error(tally.error))
         yield "".join(held).encode()
     finally:
+        _active -= 1
         more_ready.set(None)
         close = getattr(chunks, "close", None)
         if close is not None:

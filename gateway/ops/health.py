@@ -11,6 +11,7 @@ import json
 import logging
 
 from gateway.errors import scrub
+from gateway.http.streaming import active_streams
 
 log = logging.getLogger("gateway.ops")
 
@@ -49,6 +50,7 @@ def readiness(state) -> tuple:
     offered = [n for n, h in providers.items() if h.get("offered")]
     body = {"status": "ready" if offered else "unavailable",
             "config": {"file": state.settings.file, "loaded": True},
+            "active_streams": active_streams(),
             "offered": offered,
             "providers": providers}
     return body, (200 if offered else 503)

@@ -25,6 +25,8 @@ from prometheus_client import (
 )
 from prometheus_client.core import GaugeMetricFamily
 
+from gateway.http.streaming import active_streams
+
 log = logging.getLogger("gateway.ops")
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
@@ -132,6 +134,9 @@ class StateCollector:
         mem = GaugeMetricFamily("gateway_local_model_memory_bytes",
                                 "Memory a loaded local model holds (kind=total|vram)",
                                 labels=["provider", "model", "kind"])
+        streams = GaugeMetricFamily("gateway_active_streams",
+                                    "Streamed answers being written now (this worker)")
+        streams.add_metric([], float(active_streams()))
         for name, p in list(self.state.router.providers.items()):
             try:
                 h = p.health() or {}
@@ -159,7 +164,7 @@ class StateCollector:
                         mem.add_metric([name, mname, "vram"], float(getattr(lm, "size_vram", 0) or 0))
             except Exception as e:
                 log.warning("metrics: provider %s health failed: %s", name, type(e).__name__)
-        return [offered, keys, resting, queue, loaded, mem]
+        return [offered, keys, resting, queue, loaded, mem, streams]
 
 
 def install(app, state) -> None:
