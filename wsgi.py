@@ -7,6 +7,22 @@ from gevent import monkey
 
 monkey.patch_all()
 
-from app import create_app  # noqa: E402
+import os  # noqa: E402
 
-app = create_app()
+from app import create_app  # noqa: E402
+from gateway.settings import load_settings  # noqa: E402
+
+
+def _bound_host(settings, env=os.environ) -> str:
+    """The address gunicorn really listens on (gunicorn.conf.py's precedence): the Host
+    header guard applies only to loopback binds, as Ollama's does, so it must follow
+    GATEWAY_BIND/GATEWAY_HOST (Docker sets 0.0.0.0) rather than the file's server.host."""
+    bind = env.get("GATEWAY_BIND")
+    if bind and not bind.startswith(("unix:", "fd://")):
+        return bind.rpartition(":")[0].strip("[]") or settings.host
+    return env.get("GATEWAY_HOST") or settings.host
+
+
+_settings = load_settings(os.environ.get("GATEWAY_CONFIG"))
+_settings.host = _bound_host(_settings)
+app = create_app(_settings)

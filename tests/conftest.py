@@ -103,14 +103,14 @@ def make_app(tmp_path):
 
 
 class Gunicorn:
-    def __init__(self, cfg: dict, workers: int = 1, env=None):
+    def __init__(self, cfg: dict, workers: int = 1, env=None, bind_host: str = "127.0.0.1"):
         self.dir = tempfile.mkdtemp(prefix="gw-test-")
         self.config_path = write_config(cfg, self.dir)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = os.path.join(self.dir, "gateway.log")
         e = dict(os.environ)
-        e.update({"GATEWAY_CONFIG": self.config_path, "GATEWAY_BIND": f"127.0.0.1:{self.port}",
+        e.update({"GATEWAY_CONFIG": self.config_path, "GATEWAY_BIND": f"{bind_host}:{self.port}",
                   "GATEWAY_WORKERS": str(workers), "HOME": self.dir, "PYTHONUNBUFFERED": "1"})
         e.update(env or {})
         self.log = open(self.log_path, "wb")
@@ -135,8 +135,8 @@ def gunicorn_gateway():
     """gunicorn_gateway(cfg, workers=1) → a running Gunicorn handle (stopped after the test)."""
     started = []
 
-    def start(cfg, workers=1, env=None):
-        g = Gunicorn(cfg, workers, env)
+    def start(cfg, workers=1, env=None, bind_host="127.0.0.1"):
+        g = Gunicorn(cfg, workers, env, bind_host)
         started.append(g)
         return g
     yield start

@@ -133,3 +133,15 @@ def test_auth_exemptions_are_exactly_the_contracts(make_app, fake_upstream):
     for path in ("/api/ps", "/health/ready", "/metrics", "/v1/models/oai:echo"):
         assert c.get(path).status_code == 401, path
     assert c.get("/api/ps", headers={"Authorization": "Bearer k-two"}).status_code == 200
+
+
+def test_host_guard_follows_the_bound_address_under_gunicorn(gunicorn_gateway, fake_upstream):
+    """GATEWAY_BIND on all interfaces (Docker): no DNS-rebinding Host check, as Ollama with
+    OLLAMA_HOST=0.0.0.0; on loopback a foreign Host is refused."""
+    import requests
+    g = gunicorn_gateway(remote_config(fake_upstream), bind_host="0.0.0.0")
+    r = requests.get(g.url + "/api/tags", headers={"Host": "gateway.example.com"}, timeout=5)
+    assert r.status_code == 200
+    g2 = gunicorn_gateway(remote_config(fake_upstream))
+    r = requests.get(g2.url + "/api/tags", headers={"Host": "evil.example.com"}, timeout=5)
+    assert r.status_code == 403 and "evil.example.com" in r.json()["error"]
