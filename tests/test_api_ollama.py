@@ -174,6 +174,10 @@ def test_malformed_and_missing_bodies(client):
     r = client.post("/api/chat", data=json.dumps({"model": "oai:echo", "messages": [], "stream": False}),
                     content_type="text/plain")
     assert r.status_code == 200
+    # curl -d sends a form Content-Type: still the JSON body
+    r = client.post("/api/chat", data=json.dumps({"model": "oai:echo", "messages": [], "stream": False}),
+                    content_type="application/x-www-form-urlencoded")
+    assert r.status_code == 200 and r.json["done_reason"] == "load"
 
 
 def test_unknown_options_and_fields_ignored(client):
