@@ -2,6 +2,7 @@
 file, the dotted key path and what is wrong; the process then exits non-zero."""
 from __future__ import annotations
 
+import logging
 import os
 import re
 from dataclasses import dataclass, field
@@ -12,6 +13,7 @@ import yaml
 from gateway.errors import register_secret
 
 DEFAULT_CONFIG = "config/gateway.yaml"
+log = logging.getLogger("gateway.settings")
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 KNOWN_TYPES = ("local", "openai", "gemini")
@@ -102,6 +104,20 @@ def _num(d, key, file, path, default, minimum=None, kind=float):
     return kind(v)
 
 
+def literal_secrets(raw: dict) -> list:
+    """Dotted paths of api_keys settings written literally instead of as ${VAR}."""
+    out = []
+    server = raw.get("server") if isinstance(raw.get("server"), dict) else {}
+    providers = raw.get("providers") if isinstance(raw.get("providers"), dict) else {}
+    places = [("server.api_keys", server.get("api_keys"))]
+    places += [(f"providers.{n}.api_keys", p.get("api_keys")) for n, p in providers.items() if isinstance(p, dict)]
+    for where, value in places:
+        values = value if isinstance(value, list) else [value]
+        if any(isinstance(v, str) and v.strip() and "${" not in v for v in values):
+            out.append(where)
+    return out
+
+
 def load_settings(file: Optional[str] = None, env=None) -> Settings:
     env = os.environ if env is None else env
     file = file or env.get("GATEWAY_CONFIG") or DEFAULT_CONFIG
@@ -123,6 +139,9 @@ def build_settings(raw, file: str = "<dict>", env=None) -> Settings:
     env = os.environ if env is None else env
     if not isinstance(raw, dict):
         raise ConfigError(file, "(top level)", "must be a mapping with server/providers/aliases")
+    for where in literal_secrets(raw):
+        log.warning("config %s: %s holds keys written into the file; prefer ${VAR} from the "
+                    "environment so the file can be shared and committed", file, where)
     raw = expand_env(raw, env)
     s = Settings(file=file, raw=raw)
     server = raw.get("server")

@@ -145,3 +145,15 @@ def test_host_guard_follows_the_bound_address_under_gunicorn(gunicorn_gateway, f
     g2 = gunicorn_gateway(remote_config(fake_upstream))
     r = requests.get(g2.url + "/api/tags", headers={"Host": "evil.example.com"}, timeout=5)
     assert r.status_code == 403 and "evil.example.com" in r.json()["error"]
+
+
+def test_literal_keys_in_the_file_are_warned_about_and_env_keys_are_not(caplog):
+    from gateway.settings import build_settings
+    raw = {"server": {"api_keys": "${GW_TEST_CLIENT_KEYS}"},
+           "providers": {"a": {"type": "openai", "base_url": "http://127.0.0.1:9/v1", "api_keys": "${GW_TEST_A}"},
+                         "b": {"type": "openai", "base_url": "http://127.0.0.1:9/v1", "api_keys": ["sk-literal-123"]}}}
+    with caplog.at_level("WARNING", logger="gateway.settings"):
+        s = build_settings(raw, "x.yaml", env={"GW_TEST_A": "sk-env-1,sk-env-2", "GW_TEST_CLIENT_KEYS": "c1"})
+    assert s.providers["a"]["api_keys"] == ["sk-env-1", "sk-env-2"] and s.api_keys == ["c1"]
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 1 and "providers.b.api_keys" in warned[0] and "sk-literal-123" not in warned[0]
