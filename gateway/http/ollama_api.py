@@ -6,15 +6,14 @@ from json.encoder import encode_basestring
 
 from flask import Blueprint, Response, current_app, request
 
-from gateway import reqctx
 from gateway.canonical import Chunk, EmbedRequest
 from gateway.durations import rfc3339
 from gateway.errors import BadRequest, GatewayError, model_not_found
 from gateway.http import ollama_wire as wire
 from gateway.http.common import (get_bool, get_model, get_number, parse_keep_alive_field, parse_options,
                                  read_json_body, run_embed)
-from gateway.http.heartbeat import Deferred, await_first
-from gateway.http.streaming import Tally, collect, drive
+from gateway.http.answer import answer
+from gateway.http.streaming import Tally, drive
 
 bp = Blueprint("ollama", __name__)
 encode_str = encode_basestring   # == wire.dumps(a str), ensure_ascii=False, in C
@@ -94,29 +93,17 @@ def _load_or_unload(req, kind):
 
 def _run(req, kind: str):
     t0 = time.perf_counter()
-    st = state()
     has_input = req.messages if kind == "chat" else (req.prompt or req.suffix or
                                                      any(m.images for m in req.messages))
     if not has_input:
         return _load_or_unload(req, kind)
     tally = Tally(t0)
-    record = reqctx.begin({"route": request.path, "model": req.model, "stream": req.stream})
-    chunks = start_chat(st, req, tally, record, heartbeat=(kind == "chat"))
+    return answer(state(), req, tally, heartbeat=(kind == "chat"),
+                  render_whole=lambda t: json_response(_final(req, kind, t, whole=True)),
+                  render_stream=lambda chunks, finish: _ndjson(req, kind, tally, chunks, finish))
 
-    def finish(t):
-        record.update(t.summary())
-        st.finished(record)
 
-    if not req.stream:
-        try:
-            collect(chunks, tally)
-        except GatewayError as e:
-            tally.error = e
-            finish(tally)
-            raise
-        finish(tally)
-        return json_response(_final(req, kind, tally, whole=True))
-
+def _ndjson(req, kind, tally, chunks, finish) -> Response:
     head = '{"model":' + wire.dumps(req.model) + ',"created_at":"'
     key = '","message":{"role":"assistant","content":' if kind == "chat" else '","response":'
 
@@ -151,40 +138,6 @@ def _run(req, kind: str):
     body = drive(chunks, tally, on_chunk, on_error, finish, heartbeat=beat)
     # drive() yields bytes: direct_passthrough skips werkzeug's per-chunk re-encoding wrappers
     return Response(body, mimetype=NDJSON, headers=STREAM_HEADERS, direct_passthrough=True)
-
-
-def start_chat(st, req, tally, record, heartbeat=False):
-    """Ask the router for the answer's first chunk; an early failure is recorded and
-    raised (the error handler renders it with a real status). With `heartbeat`, a slow
-    first chunk gives a Deferred iterator that yields None while it waits."""
-    interval = st.settings.heartbeat
-    if st.settings.log_prompts:          # opt-in only: prompts are people's data
-        record["prompt"] = prompt_text(req)
-    try:
-        if heartbeat and interval > 0 and req.stream:
-            chunks, pending = await_first(lambda: st.router.chat(req), interval)
-            if pending is not None:
-                return Deferred(pending, interval)
-        else:
-            chunks = st.router.chat(req)
-    except GatewayError as e:
-        tally.error = e
-        record.update(tally.summary())
-        st.finished(record)
-        raise
-    target = getattr(chunks, "target", None)
-    record["provider"] = target.provider.name if target else None
-    return chunks
-
-
-def prompt_text(req, limit: int = 2000) -> str:
-    """What the caller asked, for the access log when `server.log_prompts` is on: the
-    generate prompt, or the last user message."""
-    text = req.prompt or ""
-    if not text:
-        users = [m for m in req.messages if m.role == "user"]
-        text = users[-1].content if users else ""
-    return (text or "")[:limit]
 
 
 def _final(req, kind, tally: Tally, whole: bool, last: Chunk = None) -> dict:

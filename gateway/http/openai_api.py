@@ -9,16 +9,15 @@ import time
 import uuid
 from json.encoder import encode_basestring
 
-from flask import Blueprint, Response, current_app, request
+from flask import Blueprint, Response, current_app
 
-from gateway import reqctx
 from gateway.canonical import ChatRequest, Chunk, EmbedRequest, Message, ToolCall
 from gateway.errors import BadRequest, GatewayError
 from gateway.http import ollama_wire
 from gateway.http.common import (get_bool, get_model, get_number, get_str, parse_format, parse_tools,
                                  read_json_body, run_embed, stop_list, strip_data_url)
-from gateway.http.ollama_api import start_chat
-from gateway.http.streaming import Tally, collect, drive
+from gateway.http.answer import answer
+from gateway.http.streaming import Tally, drive
 
 bp = Blueprint("openai", __name__, url_prefix="/v1")
 SSE = "text/event-stream"
@@ -169,26 +168,12 @@ def _error_event(e: GatewayError) -> str:
 
 
 def _serve(req: ChatRequest, tally: Tally, render_chunk, render_whole):
-    st = state()
-    record = reqctx.begin({"route": request.path, "model": req.model, "stream": req.stream})
-    chunks = start_chat(st, req, tally, record, heartbeat=True)
-
-    def finish(t):
-        record.update(t.summary())
-        st.finished(record)
-
-    if not req.stream:
-        try:
-            collect(chunks, tally)
-        except GatewayError as e:
-            tally.error = e
-            finish(tally)
-            raise
-        finish(tally)
-        return json_response(render_whole(tally))
-    # drive() yields bytes: direct_passthrough skips werkzeug's per-chunk re-encoding wrappers
-    return Response(drive(chunks, tally, render_chunk, _error_event, finish, heartbeat=": keep-alive\n\n"),
-                    mimetype=SSE, headers=STREAM_HEADERS, direct_passthrough=True)
+    def stream(chunks, finish):
+        # drive() yields bytes: direct_passthrough skips werkzeug's per-chunk re-encoding wrappers
+        return Response(drive(chunks, tally, render_chunk, _error_event, finish, heartbeat=": keep-alive\n\n"),
+                        mimetype=SSE, headers=STREAM_HEADERS, direct_passthrough=True)
+    return answer(state(), req, tally, heartbeat=True,
+                  render_whole=lambda t: json_response(render_whole(t)), render_stream=stream)
 
 
 @bp.route("/chat/completions", methods=["POST"])
