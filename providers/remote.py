@@ -445,9 +445,13 @@ class Transport:
         except UnicodeEncodeError:
             raise requests.exceptions.InvalidHeader("a header value is not latin-1")
         payload = head + data if data else head
+        started = time.monotonic()
         sock = self._checkout(connect_timeout)
+        # `timeout` bounds connect plus the wait for the first byte (the contract): what
+        # the connect used comes off the wait
+        wait = max(read_timeout - (time.monotonic() - started), 0.001)
         try:
-            sock.settimeout(read_timeout)
+            sock.settimeout(wait)
             sock.sendall(payload)
             status, reason, hdrs, buf, version = _read_head(sock)
         except socket.timeout as e:
