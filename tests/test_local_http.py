@@ -234,3 +234,36 @@ def test_eight_concurrent_clients_all_answered(gunicorn_gateway, fake_upstream, 
         t.join(120)
     assert len(results) == 8
     assert all(s == 200 and done and n >= 1 for s, done, n in results), results
+
+
+def test_official_clients_against_local_models(gunicorn_gateway, fake_upstream, tiny_paths, tmp_path):
+    """The `ollama` and `openai` libraries parse every local answer (their pydantic models
+    reject missing or mistyped fields), and gemma answers a question a person can judge."""
+    import ollama
+    import openai
+    g = gunicorn_gateway(local_config(fake_upstream, tiny_paths, tmp_path))
+    c = ollama.Client(host=g.url)
+    q = [{"role": "user", "content": "What is the capital of France?"}]
+    r = c.chat(model="local:gemma3-270m", messages=q, options={"temperature": 0, "num_predict": 24})
+    assert "Paris" in r.message.content and r.done_reason in ("stop", "length") and r.eval_count > 0
+    parts = list(c.chat(model="local:tiny", messages=q, stream=True, options={"num_predict": 6, "seed": 1}))
+    assert parts[-1].done and parts[-1].eval_count >= 1
+    gen = c.generate(model="local:tiny", prompt="hi", options={"num_predict": 4})
+    assert gen.done and isinstance(gen.response, str)
+    ps = c.ps().models
+    assert {m.model for m in ps} >= {"local:gemma3-270m", "local:tiny"}
+    assert all(m.expires_at is not None and m.size > 0 and m.details.format == "gguf" for m in ps)
+    show = c.show("local:tiny")
+    assert "completion" in show.capabilities and show.modelinfo
+    emb = c.embed(model="local:emb", input=["a", "b"])
+    assert len(emb.embeddings) == 2
+    assert any(m.model == "local:tiny" for m in c.list().models)
+
+    o = openai.OpenAI(base_url=g.url + "/v1", api_key="unused", max_retries=0)
+    done = o.chat.completions.create(model="local:gemma3-270m", messages=q, temperature=0, max_tokens=24)
+    assert "Paris" in done.choices[0].message.content
+    deltas = list(o.chat.completions.create(model="local:tiny", messages=q, max_tokens=6, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert deltas[-1].usage.completion_tokens >= 1
+    assert o.embeddings.create(model="local:emb", input="x").data[0].embedding
+    assert o.models.retrieve("local:tiny").id == "local:tiny"
