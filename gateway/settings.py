@@ -104,6 +104,29 @@ def _num(d, key, file, path, default, minimum=None, kind=float):
     return kind(v)
 
 
+_OPTION_KINDS = {"temperature": float, "top_p": float, "top_k": int, "min_p": float, "typical_p": float,
+                 "repeat_penalty": float, "repeat_last_n": int, "presence_penalty": float,
+                 "frequency_penalty": float, "seed": int, "num_predict": int, "num_ctx": int,
+                 "mirostat": int, "mirostat_tau": float, "mirostat_eta": float, "stop": list}
+
+
+def check_model_options(opts, file: str, path: str) -> None:
+    """A local model's default `options:` (as Ollama's Modelfile PARAMETER lines)."""
+    if opts is None:
+        return
+    if not isinstance(opts, dict):
+        raise ConfigError(file, path, "must be a mapping of option name to value")
+    for k, v in opts.items():
+        kind = _OPTION_KINDS.get(k)
+        if kind is None:
+            raise ConfigError(file, f"{path}.{k}", f"unknown option (known: {', '.join(sorted(_OPTION_KINDS))})")
+        if kind is list:
+            if not (isinstance(v, list) and all(isinstance(x, str) for x in v)):
+                raise ConfigError(file, f"{path}.{k}", "must be a list of strings")
+        elif isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and v != int(v)):
+            raise ConfigError(file, f"{path}.{k}", f"must be {'an integer' if kind is int else 'a number'}, got {v!r}")
+
+
 def literal_secrets(raw: dict) -> list:
     """Dotted paths of api_keys settings written literally instead of as ${VAR}."""
     out = []
@@ -201,6 +224,7 @@ def build_settings(raw, file: str = "<dict>", env=None) -> Settings:
                 mpath = f"{path}.models.{mname}"
                 if not isinstance(m, dict) or not (m.get("path") or m.get("package")):
                     raise ConfigError(file, mpath, "needs path: (a .gguf file) or package: (a PyPI package shipping one)")
+                check_model_options(m.get("options"), file, f"{mpath}.options")
             if "memory_budget" in p:
                 p["memory_budget_bytes"] = parse_size(p.get("memory_budget"), file, f"{path}.memory_budget")
             for key in ("max_loaded_models", "max_queue"):

@@ -201,3 +201,23 @@ def test_gemma_knows_paris(provider):
     assert out[-1].done_reason == "stop"
     assert out[-1].load_duration > 0
     assert not [m for m in provider.loaded() if m.card.upstream_id == "gemma3-270m"]
+
+
+def test_model_options_fill_what_the_request_left_unset():
+    from providers.local.provider import with_model_options
+    req = chat("tiny", options=Options(temperature=0.5))
+    out = with_model_options(req, {"temperature": 0, "num_predict": 7, "stop": ["X"]})
+    assert out.options.temperature == 0.5            # the request wins
+    assert out.options.num_predict == 7 and out.options.stop == ["X"]
+    assert with_model_options(req, None) is req
+
+
+def test_model_options_are_checked_at_start():
+    from gateway.settings import ConfigError, build_settings
+    base = {"type": "local", "models": {"m": {"path": "/x.gguf", "options": {}}}}
+    for bad, where in (({"temperature": "hot"}, "options.temperature"), ({"nope": 1}, "options.nope"),
+                       ({"num_predict": 1.5}, "options.num_predict"), ({"stop": "x"}, "options.stop"), ([1], "options")):
+        base["models"]["m"]["options"] = bad
+        with pytest.raises(ConfigError) as e:
+            build_settings({"providers": {"local": base}}, "c.yaml")
+        assert f"providers.local.models.m.{where}" in str(e.value)

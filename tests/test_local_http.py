@@ -267,3 +267,27 @@ def test_official_clients_against_local_models(gunicorn_gateway, fake_upstream, 
     assert deltas[-1].usage.completion_tokens >= 1
     assert o.embeddings.create(model="local:emb", input="x").data[0].embedding
     assert o.models.retrieve("local:tiny").id == "local:tiny"
+
+
+def test_shipped_config_answers_out_of_the_box(tmp_path):
+    """config/gateway.yaml as `make run` serves it: no keys, local:gemma3-270m answers a
+    question a person can judge, with no options in the request."""
+    import os
+    from app import create_app
+    from gateway.settings import load_settings
+    from tests.conftest import ROOT
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEYS")}
+    s = load_settings(os.path.join(ROOT, "config", "gateway.yaml"), env=env)
+    s.raw.setdefault("server", {})["usage_db"] = ""
+    app = create_app(s)
+    try:
+        c = app.test_client()
+        names = [m["name"] for m in c.get("/api/tags").get_json()["models"]]
+        assert "local:gemma3-270m" in names and not any(n.startswith("google:") for n in names)
+        r = c.post("/api/chat", json={"model": "local:gemma3-270m", "stream": False,
+                                      "messages": [{"role": "user", "content": "What is the capital of France?"}]})
+        body = r.get_json()
+        assert r.status_code == 200 and "Paris" in body["message"]["content"], body
+        assert body["done_reason"] == "stop"
+    finally:
+        app.extensions["gateway"].close()

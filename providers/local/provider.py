@@ -19,6 +19,7 @@ YAML (checked by gateway/settings.py):
 from __future__ import annotations
 
 import codecs
+import dataclasses
 import importlib
 import logging
 import os
@@ -156,6 +157,7 @@ class LocalProvider(Provider):
         m = self._require(req.model, upstream_id)
         if m.embedding:
             raise BadRequest(f'"{req.model}" does not support {"generate" if req.kind == "generate" else "chat"}')
+        req = with_model_options(req, m.cfg.get("options"))
         try:
             caps = m.capabilities()
         except Exception:
@@ -400,6 +402,19 @@ def _fim_tokens(eng, prefix: str, suffix: str) -> list:
     toks += [pre] + eng.tokenize(prefix, add_bos=False, special=False)
     toks += [suf] + eng.tokenize(suffix, add_bos=False, special=False)
     return toks + [mid]
+
+
+def with_model_options(req: ChatRequest, model_options) -> ChatRequest:
+    """The model's configured `options:` (Ollama's Modelfile PARAMETERs) under the
+    request's own: a request value always wins, the model's fills what it left unset."""
+    if not model_options:
+        return req
+    o = req.options
+    over = {k: v for k, v in model_options.items()
+            if hasattr(o, k) and (getattr(o, k) is None or (k == "stop" and not o.stop))}
+    if not over:
+        return req
+    return dataclasses.replace(req, options=dataclasses.replace(o, **over))
 
 
 def _sampling(req: ChatRequest) -> dict:
