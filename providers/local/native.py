@@ -67,6 +67,21 @@ class _Done:
         return self.value
 
 
+def settled(res):
+    """res.get(). Interrupted (greenlet killed) while the native call still runs, it waits
+    for the call before re-raising, so that whatever the caller does next (close, release)
+    comes after it."""
+    try:
+        return res.get()
+    except BaseException:
+        if not res.ready():
+            try:
+                res.wait()
+            except BaseException:
+                pass
+        raise
+
+
 class Executor:
     """Serialises every native call for one model."""
 
@@ -93,18 +108,7 @@ class Executor:
         if not self.gevent:
             with self._lock:
                 return fn(*args)
-        res = self._pool.spawn(fn, *args)
-        try:
-            return res.get()
-        except BaseException:
-            if not res.ready():
-                # Interrupted (greenlet killed) while the native call runs: wait for it
-                # so that whatever the caller does next (close, release) comes after.
-                try:
-                    res.wait()
-                except BaseException:
-                    pass
-            raise
+        return settled(self._pool.spawn(fn, *args))
 
     def close(self):
         if self.gevent:

@@ -29,7 +29,7 @@ from collections import deque
 from typing import Optional
 
 from gateway.errors import GatewayError, ServiceBusy
-from providers.local.native import Executor, gevent_active
+from providers.local.native import Executor, gevent_active, settled
 
 log = logging.getLogger("gateway.local.sched")
 
@@ -373,13 +373,8 @@ class Scheduler:
             runner.executor = Executor()
             res = runner.spawn(spec.open, runner.n_ctx)
             try:
-                handle = res.get()
+                handle = settled(res)
             except BaseException:
-                if not res.ready():
-                    try:
-                        res.wait()
-                    except BaseException:
-                        pass
                 if res.ready() and res.successful() and res.value is not None:
                     # the load finished after all; nobody will use it
                     runner.spawn(_close_handle, res.value)
