@@ -29,7 +29,7 @@ from collections import deque
 from typing import Optional
 
 from gateway.errors import GatewayError, ServiceBusy
-from providers.local.native import Executor, gevent_active, settled
+from providers.local.native import Executor, gevent_active, release_free_memory, settled
 
 log = logging.getLogger("gateway.local.sched")
 
@@ -470,3 +470,4 @@ def _close_handle(handle):
     close = getattr(handle, "close", None)
     if close is not None:
         close()
+    release_free_memory()
