@@ -181,7 +181,7 @@ class LocalProvider(Provider):
     def _answer(self, m: LocalModel, req: ChatRequest, caps: list, grammar):
         from providers.local import engine as E
         lease = self.sched.acquire(m, req.keep_alive, req.options.num_ctx)
-        gen = None
+        gen = steps = None
         try:
             eng = lease.handle
             E.drain_log(log)
@@ -235,8 +235,9 @@ class LocalProvider(Provider):
             decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
             gen = lease.call(eng.start, tokens, sp, grammar)
             n_out, out_tokens, t_first, reason = 0, [], None, "length"
-            while n_out < max_tokens:
-                st = lease.call(eng.step, gen)
+            steps = lease.stream(lambda: eng.step(gen), max_tokens,
+                                 lambda st: st is None or st[2] or st[0] in stop_ids)
+            for st in steps:
                 if t_first is None:
                     t_first = time.perf_counter()
                 if st is None:
@@ -253,6 +254,7 @@ class LocalProvider(Provider):
                 if parser.stopped:
                     reason = "stop"
                     break
+            steps.close()        # stops the model's thread at its next step
             t_end = time.perf_counter()
             if t_first is None:
                 t_first = t_end
@@ -273,6 +275,8 @@ class LocalProvider(Provider):
         finally:
             # a disconnect lands here (GeneratorExit at a yield): stop at this token,
             # then free the model for the next request
+            if steps is not None:
+                steps.close()
             if gen is not None:
                 try:
                     lease.call(gen.close)
