@@ -64,7 +64,6 @@ ENV PIP_NO_CACHE_DIR=1 \
     GATEWAY_CONFIG=/app/config/gateway.yaml \
     GATEWAY_HOST=0.0.0.0 \
     GATEWAY_PORT=11434 \
-    GATEWAY_WORKERS=1 \
     XDG_CACHE_HOME=/app/cache
 # libgomp1: llama.cpp's CPU threads (OpenMP).
 # hadolint ignore=DL3008
@@ -102,7 +101,6 @@ ENV DEBIAN_FRONTEND=noninteractive \
     GATEWAY_CONFIG=/app/config/gateway.yaml \
     GATEWAY_HOST=0.0.0.0 \
     GATEWAY_PORT=11434 \
-    GATEWAY_WORKERS=1 \
     XDG_CACHE_HOME=/app/cache \
     NVIDIA_VISIBLE_DEVICES=all \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility
