@@ -201,6 +201,44 @@ class Gateway:
                  wall_tps=(n - 1) / (r["t_done"] - first) if n > 1 and r["t_done"] > first else None)
         return r
 
+    def chat_v1(self, model, text, num_predict=N_SHORT):
+        """The same request on the OpenAI surface: a /v1/chat/completions SSE stream, with
+        usage asked for; TTFT = the first delta with content."""
+        body = {"model": model, "stream": True, "stream_options": {"include_usage": True}, "temperature": 0,
+                "top_p": SAMPLING["top_p"], "max_tokens": num_predict,
+                "messages": [{"role": "user", "content": text}]}
+        r = {"model": model, "t0": time.perf_counter(), "t_first": None, "text": "", "eval_count": None}
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=300)
+        try:
+            conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            if resp.status != 200:
+                raise RuntimeError(f"{model}: HTTP {resp.status}: {resp.read()[:200]!r}")
+            for line in resp:
+                if not line.startswith(b"data: "):
+                    continue
+                now, data = time.perf_counter(), line[6:].strip()
+                if data == b"[DONE]":
+                    r["t_done"] = now
+                    break
+                obj = json.loads(data)
+                if "error" in obj:
+                    raise RuntimeError(f"{model}: {obj['error']}")
+                for ch in obj.get("choices") or []:
+                    r["text"] += (ch.get("delta") or {}).get("content") or ""
+                if r["text"] and r["t_first"] is None:
+                    r["t_first"] = now
+                if obj.get("usage"):
+                    r["eval_count"] = obj["usage"].get("completion_tokens")
+        finally:
+            conn.close()
+        if "t_done" not in r:
+            raise RuntimeError(f"{model}: the stream ended without [DONE]")
+        n, first = r["eval_count"] or 0, r["t_first"] or r["t_done"]
+        r.update(total=r["t_done"] - r["t0"], ttft=first - r["t0"],
+                 wall_tps=(n - 1) / (r["t_done"] - first) if n > 1 and r["t_done"] > first else None)
+        return r
+
     def chat_in_thread(self, *args, **kw):
         """chat() on a thread of its own: (thread, box); box["r"] is the result or the exception."""
         box = {}
@@ -250,11 +288,14 @@ def measure(n_threads, reps, model_path, fake, logdir, log):
             g = raw.call(op="gen", prompt=prompt[3], max_tokens=N_SHORT, stop=stop_at)
             return {"load_s": ld["load_s"], "ttft": g["ttft"]}
         res["raw_first_load"] = raw_cold()    # a warm-up, as the gateway's first request was
-        gens, ggens = [], []
+        gens, ggens, vgens = [], [], []
         for i in range(reps):
             gens.append(with_cpu(raw.proc.pid, raw.call, op="gen", prompt=prompt[i % 4], max_tokens=N_GEN, stop=stop_at))
             ggens.append(with_cpu(gw.worker, gw.chat, MODEL, P(i), N_GEN))
+            # another prompt than the request before: the same one would reuse its KV cache
+            vgens.append(gw.chat_v1(MODEL, P(i + 2), N_GEN))
         res["same_text"] = all(a["text"].strip() == b["text"].strip() for a, b in zip(gens, ggens))
+        res["gateway_v1_gens"] = vgens
 
         # cold: keep_alive 0 unloads the model when each request ends
         gw.chat(MODEL, P(1), keep_alive=0)
@@ -329,6 +370,8 @@ def summarize(r):
          "gw_reported_tps": med(x["reported_tps"] for x in g), "gw_wall_tps": med(x["wall_tps"] for x in g),
          "raw_cpu_s": med(x["cpu_s"] for x in raw["gens"]), "gw_cpu_s": med(x["cpu_s"] for x in g),
          "raw_ttft": med(x["ttft"] for x in raw["gens"]), "gw_ttft": med(x["ttft"] for x in g),
+         "v1_wall_tps": med(x["wall_tps"] for x in r.get("gateway_v1_gens", [])),
+         "v1_ttft": med(x["ttft"] for x in r.get("gateway_v1_gens", [])),
          "raw_load": med(x["load_s"] for x in raw["loads"]), "raw_cold_ttft": med(x["load_s"] + x["ttft"] for x in raw["loads"]),
          "gw_load": med(x["load_duration"] / 1e9 for x in r["cold"]), "gw_cold_ttft": med(x["ttft"] for x in r["cold"]),
          "warm_total": med(x["total"] for x in sw["warm"]), "switch_total": med(x["total"] for x in sw["switch"]),
@@ -339,6 +382,7 @@ def summarize(r):
          "remote_n": str(len(rem["busy"])), "local_busy_tps": med(x["reported_tps"] for x in rem["local"]),
          "local_alone_tps": med(x["reported_tps"] for x in rem["local_alone"])}
     s.update(r_gen=ratio(s["gw_reported_tps"], s["raw_llama_tps"]), r_wall=ratio(s["gw_wall_tps"], s["raw_wall_tps"]),
+             r_v1_wall=ratio(s["v1_wall_tps"], s["raw_wall_tps"]),
              r_ttft=ratio(s["gw_ttft"], s["raw_ttft"]), r_cold=ratio(s["gw_cold_ttft"], s["raw_cold_ttft"]),
              r_conc=ratio(s["conc_tps"], s["single_tps"]), r_remote=ratio(s["remote_busy"], s["remote_idle"]),
              fifo_s="yes" if s["fifo"] else "**no**")
@@ -349,18 +393,20 @@ def summarize(r):
 TABLES = [
     (f"**Generation, {N_GEN} tokens.** raw llama = llama.cpp's own decode timing (`llama_perf_context`: n_eval ÷ "
      "t_eval); gateway reported = the final chunk's eval_count ÷ eval_duration; wall = tokens after the first ÷ time "
-     "from the first token to the end, seen by the client (raw: in its process; gateway: over HTTP). CPU = CPU time "
-     "of the raw process / the gateway worker (all threads) per request. Same text: both sides wrote the same answers.",
+     "from the first token to the end, seen by the client (raw: in its process; gateway: over HTTP; `/api/chat` NDJSON, "
+     "and `/v1/chat/completions` SSE with usage for the /v1 columns). CPU = CPU time of the raw process / the "
+     "gateway worker (all threads) per `/api/chat` request. Same text: raw and `/api/chat` wrote the same answers.",
      [("n_threads", "n_threads"), ("raw llama tok/s", "raw_llama_tps"), ("raw wall tok/s", "raw_wall_tps"),
       ("gateway reported tok/s", "gw_reported_tps"), ("gateway wall tok/s", "gw_wall_tps"),
-      ("reported ÷ raw llama", "r_gen", 3), ("wall ÷ raw wall", "r_wall", 3), ("CPU s/request raw", "raw_cpu_s", 2),
+      ("reported ÷ raw llama", "r_gen", 3), ("wall ÷ raw wall", "r_wall", 3), ("/v1 wall tok/s", "v1_wall_tps"),
+      ("/v1 wall ÷ raw wall", "r_v1_wall", 3), ("CPU s/request raw", "raw_cpu_s", 2),
       ("CPU s/request gateway", "gw_cpu_s", 2), ("same text", "same_text")]),
     ("**Time to first token and loading.** TTFT = the same requests, model loaded (raw: `create_completion` called → "
-     "first non-blank text; gateway: request sent → first `/api/chat` line with content). Load: raw `Llama(...)`; "
+     "first non-blank text; gateway: request sent → first `/api/chat` line, or `/v1` delta, with content). Load: raw `Llama(...)`; "
      "gateway: load_duration of a request right after a `keep_alive: 0` request unloaded the model, whose TTFT is "
      f"the cold TTFT. Raw cold TTFT = `Llama(...)` + TTFT of the first request after it ({N_SHORT} tokens).",
      [("n_threads", "n_threads"), ("TTFT raw ms", "raw_ttft", 1, 1e3), ("TTFT gateway ms", "gw_ttft", 1, 1e3),
-      ("ratio", "r_ttft", 2), ("load raw s", "raw_load", 3), ("gateway load_duration s", "gw_load", 3),
+      ("ratio", "r_ttft", 2), ("TTFT gateway /v1 ms", "v1_ttft", 1, 1e3), ("load raw s", "raw_load", 3), ("gateway load_duration s", "gw_load", 3),
       ("cold TTFT raw s", "raw_cold_ttft", 3), ("cold TTFT gateway s", "gw_cold_ttft", 3), ("ratio", "r_cold", 2)]),
     (f"**Scheduler.** Switch: requests ({N_SHORT} tokens) alternate between `{MODEL_B}` and `{MODEL}` (same file) "
      "under `max_loaded_models: 1`, so each one unloads the other model and loads its own; against the same request "
