@@ -2,7 +2,7 @@
 
 Workers: GATEWAY_WORKERS if set; else one gevent worker when a local provider is
 configured (each worker process would load its own copies of the models), else one per
-core. Key rest state is per worker (see README, "Deployment")."""
+core. Key rest state is per worker (see README, "Operations and deployment")."""
 import os
 import sys
 

@@ -165,6 +165,17 @@ class Gateway:
                 raise RuntimeError(f"still loaded after keep_alive 0: {list(self.loaded())}")
             time.sleep(0.02)
 
+    def _post(self, path, body):
+        """(connection, response) of a streamed POST; raises unless it is a 200."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=300)
+        conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        if resp.status != 200:
+            detail = resp.read()[:200]
+            conn.close()
+            raise RuntimeError(f"{body['model']}: HTTP {resp.status}: {detail!r}")
+        return conn, resp
+
     def chat(self, model, text, num_predict=N_SHORT, keep_alive=None, on_first=None):
         """One /api/chat stream timed here (TTFT = the first line with content); raises on failure."""
         body = {"model": model, "stream": True, "messages": [{"role": "user", "content": text}],
@@ -172,12 +183,8 @@ class Gateway:
         if keep_alive is not None:
             body["keep_alive"] = keep_alive
         r = {"model": model, "t0": time.perf_counter(), "t_first": None, "text": ""}
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=300)
+        conn, resp = self._post("/api/chat", body)
         try:
-            conn.request("POST", "/api/chat", json.dumps(body), {"Content-Type": "application/json"})
-            resp = conn.getresponse()
-            if resp.status != 200:
-                raise RuntimeError(f"{model}: HTTP {resp.status}: {resp.read()[:200]!r}")
             for line in filter(bytes.strip, resp):
                 obj, now = json.loads(line), time.perf_counter()
                 if "error" in obj:
@@ -208,12 +215,8 @@ class Gateway:
                 "top_p": SAMPLING["top_p"], "max_tokens": num_predict,
                 "messages": [{"role": "user", "content": text}]}
         r = {"model": model, "t0": time.perf_counter(), "t_first": None, "text": "", "eval_count": None}
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=300)
+        conn, resp = self._post("/v1/chat/completions", body)
         try:
-            conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
-            resp = conn.getresponse()
-            if resp.status != 200:
-                raise RuntimeError(f"{model}: HTTP {resp.status}: {resp.read()[:200]!r}")
             for line in resp:
                 if not line.startswith(b"data: "):
                     continue

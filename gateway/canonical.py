@@ -56,6 +56,12 @@ class Options:
     mirostat_eta: Optional[float] = None
 
 
+# Options by value type: what the HTTP surfaces and a local model's config `options:` accept.
+FLOAT_OPTIONS = ("temperature", "top_p", "min_p", "typical_p", "repeat_penalty", "presence_penalty",
+                 "frequency_penalty", "mirostat_tau", "mirostat_eta")
+INT_OPTIONS = ("top_k", "repeat_last_n", "seed", "num_predict", "num_ctx", "num_batch", "num_gpu",
+               "num_thread", "mirostat")
+
 Format = Union[None, str, dict]          # None | "json" | JSON schema
 
 

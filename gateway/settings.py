@@ -10,6 +10,7 @@ from typing import Optional
 
 import yaml
 
+from gateway.canonical import FLOAT_OPTIONS, INT_OPTIONS
 from gateway.errors import register_secret
 
 DEFAULT_CONFIG = "config/gateway.yaml"
@@ -104,10 +105,7 @@ def _num(d, key, file, path, default, minimum=None, kind=float):
     return kind(v)
 
 
-_OPTION_KINDS = {"temperature": float, "top_p": float, "top_k": int, "min_p": float, "typical_p": float,
-                 "repeat_penalty": float, "repeat_last_n": int, "presence_penalty": float,
-                 "frequency_penalty": float, "seed": int, "num_predict": int, "num_ctx": int,
-                 "mirostat": int, "mirostat_tau": float, "mirostat_eta": float, "stop": list}
+_OPTION_KINDS = {**dict.fromkeys(FLOAT_OPTIONS, float), **dict.fromkeys(INT_OPTIONS, int), "stop": list}
 
 
 def check_model_options(opts, file: str, path: str) -> None:

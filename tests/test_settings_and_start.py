@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import time
+from unittest import mock
 
 import pytest
 
@@ -157,3 +158,21 @@ def test_literal_keys_in_the_file_are_warned_about_and_env_keys_are_not(caplog):
     assert s.providers["a"]["api_keys"] == ["sk-env-1", "sk-env-2"] and s.api_keys == ["c1"]
     warned = [r.getMessage() for r in caplog.records]
     assert len(warned) == 1 and "providers.b.api_keys" in warned[0] and "sk-literal-123" not in warned[0]
+
+
+@pytest.mark.parametrize("with_local,expected", [(True, 1), (False, None)])
+def test_default_worker_count_follows_the_provider_types(tmp_path, fake_upstream, with_local, expected):
+    """One worker when local models are configured (each worker would load its own
+    copies), one per core when every provider is remote; GATEWAY_WORKERS overrides."""
+    import runpy
+    from tests.conftest import write_config
+    cfg = remote_config(fake_upstream)
+    if with_local:
+        cfg["providers"]["local"] = {"type": "local", "models": {"m": {"path": "/nowhere.gguf"}}}
+    path = write_config(cfg, str(tmp_path))
+    conf = os.path.join(ROOT, "gunicorn.conf.py")
+    env = {"GATEWAY_CONFIG": path, "GATEWAY_WORKERS": ""}
+    with mock.patch.dict(os.environ, env):
+        assert runpy.run_path(conf)["workers"] == (expected or os.cpu_count())
+    with mock.patch.dict(os.environ, dict(env, GATEWAY_WORKERS="3")):
+        assert runpy.run_path(conf)["workers"] == 3

@@ -11,15 +11,11 @@ import time
 
 from flask import current_app, request
 
-from gateway.canonical import Options
+from gateway.canonical import FLOAT_OPTIONS, INT_OPTIONS, Options
 from gateway.durations import parse_keep_alive
 from gateway import reqctx
 from gateway.errors import BadRequest, GatewayError, TooLarge
 
-_FLOAT_OPTS = ("temperature", "top_p", "min_p", "typical_p", "repeat_penalty", "presence_penalty",
-               "frequency_penalty", "mirostat_tau", "mirostat_eta")
-_INT_OPTS = ("top_k", "repeat_last_n", "seed", "num_predict", "num_ctx", "num_batch", "num_gpu",
-             "num_thread", "mirostat")
 _INT_LIMIT = 2 ** 63
 
 
@@ -129,10 +125,10 @@ def parse_options(raw) -> Options:
         return opts
     if not isinstance(raw, dict):
         raise _type_error("options", "an object")
-    for key in _FLOAT_OPTS:
+    for key in FLOAT_OPTIONS:
         if raw.get(key) is not None:
             setattr(opts, key, number(raw[key], f"options.{key}"))
-    for key in _INT_OPTS:
+    for key in INT_OPTIONS:
         if raw.get(key) is not None:
             setattr(opts, key, number(raw[key], f"options.{key}", integer=True))
     if opts.num_ctx is not None and opts.num_ctx <= 0:
