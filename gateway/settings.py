@@ -42,6 +42,8 @@ class Settings:
     log_prompts: bool = False
     log_level: str = "INFO"
     usage_db: Optional[str] = None
+    redis: Optional[str] = None                      # shared state (gateway/shared_state.py)
+    clients: list = field(default_factory=list)      # [gateway.clients.Client]
     version: str = "0.12.6"
     providers: dict = field(default_factory=dict)   # name -> checked dict (has "type")
     aliases: dict = field(default_factory=dict)     # name -> [full model names]
@@ -131,6 +133,8 @@ def literal_secrets(raw: dict) -> list:
     server = raw.get("server") if isinstance(raw.get("server"), dict) else {}
     providers = raw.get("providers") if isinstance(raw.get("providers"), dict) else {}
     places = [("server.api_keys", server.get("api_keys"))]
+    clients = server.get("clients") if isinstance(server.get("clients"), list) else []
+    places += [(f"server.clients[{i}].key", c.get("key")) for i, c in enumerate(clients) if isinstance(c, dict)]
     places += [(f"providers.{n}.api_keys", p.get("api_keys")) for n, p in providers.items() if isinstance(p, dict)]
     for where, value in places:
         values = value if isinstance(value, list) else [value]
@@ -183,6 +187,11 @@ def build_settings(raw, file: str = "<dict>", env=None) -> Settings:
     s.log_prompts = bool(server.get("log_prompts", False))
     s.log_level = str(server.get("log_level", "INFO")).upper()
     s.usage_db = server.get("usage_db")
+    s.redis = env.get("GATEWAY_REDIS_URL") or server.get("redis") or None
+    if s.redis is not None and not str(s.redis).startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError(file, "server.redis", "must be a redis://, rediss:// or unix:// URL")
+    from gateway.clients import parse_clients
+    s.clients = parse_clients(server.get("clients"), file)
     s.version = str(server.get("version", s.version))
 
     providers = raw.get("providers")

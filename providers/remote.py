@@ -20,7 +20,7 @@ import requests
 from requests.adapters import HTTPAdapter
 from requests.structures import CaseInsensitiveDict
 
-from gateway import reqctx
+from gateway import reqctx, shared_state
 from gateway.http.streaming import more_ready
 from gateway.errors import (BadRequest, GatewayError, Passthrough, RateLimited, UpstreamFailed,
                             UpstreamTimeout, scrub)
@@ -66,7 +66,8 @@ class RemoteProvider(Provider):
         self.extra_headers = {str(k): str(v) for k, v in (cfg.get("headers") or {}).items()}
         self.pool = KeyPool(list(cfg.get("api_keys") or []),
                             cooldown=float(cfg.get("cooldown", 30)),
-                            auth_cooldown=float(cfg.get("auth_cooldown", 3600)))
+                            auth_cooldown=float(cfg.get("auth_cooldown", 3600)),
+                            shared=shared_state.for_settings(settings), scope=name)
         self.model_ids = [str(m) for m in (cfg.get("models") or [])]
         self.session = requests.Session()
         # Many concurrent streams share one session; never block waiting for a slot.

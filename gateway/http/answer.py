@@ -7,6 +7,7 @@ from __future__ import annotations
 from flask import request
 
 from gateway import reqctx
+from gateway.limits import admit_request
 from gateway.errors import GatewayError
 from gateway.http.heartbeat import Deferred, await_first
 from gateway.http.streaming import collect
@@ -42,6 +43,7 @@ def start_chat(st, req, tally, record, heartbeat=False):
     if st.settings.log_prompts:          # opt-in only: prompts are people's data
         record["prompt"] = prompt_text(req)
     try:
+        admit_request(st, record)
         if heartbeat and interval > 0 and req.stream:
             chunks, pending = await_first(lambda: st.router.chat(req), interval)
             if pending is not None:

@@ -14,6 +14,7 @@ from flask import current_app, request
 from gateway.canonical import FLOAT_OPTIONS, INT_OPTIONS, Options
 from gateway.durations import parse_keep_alive
 from gateway import reqctx
+from gateway.limits import admit_request
 from gateway.errors import BadRequest, GatewayError, TooLarge
 
 _INT_LIMIT = 2 ** 63
@@ -201,6 +202,7 @@ def run_embed(st, req):
     t0 = time.perf_counter()
     record = reqctx.begin({"route": request.path, "model": req.model, "stream": False})
     try:
+        admit_request(st, record)
         result, target = st.router.embed(req)
     except GatewayError as e:
         record.update(status=e.status, error=e.message, error_class=type(e).__name__,

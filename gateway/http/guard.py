@@ -2,13 +2,13 @@
 rebinding (Ollama's rules)."""
 from __future__ import annotations
 
-import hmac
 import ipaddress
 import re
 import socket
 
 from flask import Response, request
 
+from gateway import clients
 from gateway.errors import Forbidden, Unauthorized
 
 _EXEMPT = {"/", "/api/version", "/health"}
@@ -23,25 +23,25 @@ ALLOW_HEADERS = ("Authorization, Content-Type, User-Agent, Accept, X-Requested-W
 
 class Guard:
     def __init__(self, settings):
-        self.keys = [k.encode() for k in settings.api_keys]
+        self.clients = clients.ClientBook(settings)
         self.extra_origins = [o.rstrip("/") for o in settings.cors_origins]
         self.allowed_hosts = {h.lower() for h in settings.allowed_hosts}
         self.check_host = _is_loopback(settings.host)
 
     # ---- auth -----------------------------------------------------------------------------
     def check_auth(self) -> None:
-        if not self.keys or request.method == "OPTIONS":
+        clients.set_current(None)   # a keep-alive connection serves several callers
+        if not self.clients or request.method == "OPTIONS":
             return
         if request.path.rstrip("/") in _EXEMPT or request.path == "/":
             if request.method in ("GET", "HEAD"):
                 return
         header = request.headers.get("Authorization", "")
         given = header[7:].strip().encode() if header[:7].lower() == "bearer " else b""
-        ok = False
-        for k in self.keys:   # compare with every key: timing does not reveal which matched
-            ok |= hmac.compare_digest(given, k)
-        if not ok:
+        client = self.clients.match(given)
+        if client is None:
             raise Unauthorized("missing or invalid API key: send Authorization: Bearer <key>")
+        clients.set_current(client)
 
     # ---- host -----------------------------------------------------------------------------
     def check_host_header(self) -> None:

@@ -28,6 +28,11 @@ def client_key_id(authorization: Optional[str]) -> Optional[str]:
 
 
 def current_client_key() -> Optional[str]:
+    """The caller's client name (server.clients), else the hash of its bearer token."""
+    from gateway.clients import current_name
+    name = current_name()
+    if name:
+        return name
     try:
         from flask import has_request_context, request
         if has_request_context():
@@ -53,7 +58,7 @@ def provider_of(record: dict, state) -> Optional[str]:
 def install(app, state) -> None:
     from flask import request
 
-    from gateway.ops import accesslog, health, metrics, usage
+    from gateway.ops import accesslog, client_metrics, health, metrics, usage
 
     @app.before_request
     def _remember_client():
@@ -61,5 +66,6 @@ def install(app, state) -> None:
 
     accesslog.install(app, state)
     metrics.install(app, state)
+    client_metrics.install(app, state)
     usage.install(app, state)
     health.install(app, state)

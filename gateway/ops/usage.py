@@ -34,13 +34,14 @@ BUSY_TIMEOUT = 2.0          # seconds a write waits for another process's lock
 MAX_QUEUE = 10000           # rows held in memory while the disk is slow; beyond: dropped
 MAX_BATCH = 500
 ERROR_LOG_EVERY = 60.0      # at most one log line a minute while writes keep failing
-GROUPS = {"model": "model", "provider": "provider", "key": "client_key"}
+# client_key holds the client's name (server.clients) or a hash of its key (server.api_keys)
+GROUPS = {"model": "model", "provider": "provider", "client": "client_key", "key": "client_key"}
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS usage (
     id INTEGER PRIMARY KEY,
     ts REAL NOT NULL,               -- epoch seconds when the request finished
-    client_key TEXT,                -- sha256 prefix of the client's bearer token
+    client_key TEXT,                -- client name, or a sha256 prefix of its bearer token
     route TEXT,
     provider TEXT,
     model TEXT,
@@ -346,7 +347,7 @@ def install(app, state) -> None:
         group_by = request.args.get("group_by") or None
         if group_by is not None and group_by not in GROUPS:
             raise BadRequest(f'invalid value for "group_by": {scrub(group_by)[:64]!r} '
-                             "(use model, provider or key)")
+                             "(use model, provider, client or key)")
         if usage is None:
             raise NotFound("the usage log is disabled (server.usage_db)")
         out = {"since": since, "group_by": group_by}
