@@ -18,6 +18,7 @@ log = logging.getLogger("gateway.settings")
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 KNOWN_TYPES = ("local", "openai", "gemini")
+USAGE_DB_SCHEMES = ("postgresql://", "postgres://")
 _SIZE = re.compile(r"^\s*([0-9.]+)\s*([KMGT]?i?B?)?\s*$", re.I)
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 1024, "m": 1e6, "mb": 1e6, "mib": 1024**2,
           "g": 1e9, "gb": 1e9, "gib": 1024**3, "t": 1e12, "tb": 1e12, "tib": 1024**4}
@@ -187,6 +188,9 @@ def build_settings(raw, file: str = "<dict>", env=None) -> Settings:
     s.log_prompts = bool(server.get("log_prompts", False))
     s.log_level = str(server.get("log_level", "INFO")).upper()
     s.usage_db = server.get("usage_db")
+    if isinstance(s.usage_db, str) and "://" in s.usage_db and not s.usage_db.startswith(USAGE_DB_SCHEMES):
+        raise ConfigError(file, "server.usage_db", "must be a SQLite file path or a "
+                          f"{' or '.join(USAGE_DB_SCHEMES)} URL")
     s.redis = env.get("GATEWAY_REDIS_URL") or server.get("redis") or None
     if s.redis is not None and not str(s.redis).startswith(("redis://", "rediss://", "unix://")):
         raise ConfigError(file, "server.redis", "must be a redis://, rediss:// or unix:// URL")

@@ -30,6 +30,7 @@ from gateway.errors import BadRequest, NotFound, scrub
 log = logging.getLogger("gateway.usage")
 
 DEFAULT_PATH = "data/usage.sqlite3"
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")   # gateway/ops/usage_pg.py
 BUSY_TIMEOUT = 2.0          # seconds a write waits for another process's lock
 MAX_QUEUE = 10000           # rows held in memory while the disk is slow; beyond: dropped
 MAX_BATCH = 500
@@ -165,14 +166,17 @@ class UsageLog:
                     stop = True
                     break
                 batch.append(nxt)
-            try:
-                _blocking(self._write, batch)
-            except Exception as e:
-                self._failed(e, len(batch))
-            finally:
-                self.done += len(batch)
+            self._write_batch(batch)
             if stop:
                 return
+
+    def _write_batch(self, batch) -> None:
+        try:
+            _blocking(self._write, batch)
+        except Exception as e:
+            self._failed(e, len(batch))
+        finally:
+            self.done += len(batch)
 
     def _open(self):
         parent = os.path.dirname(os.path.abspath(self.path))
@@ -329,9 +333,14 @@ def install(app, state) -> None:
     metrics = app.extensions.get("gateway_metrics")
     usage = None
     if path:
-        usage = UsageLog(path,
-                         on_error=(metrics.usage_write_errors.inc if metrics else None),
-                         on_drop=(metrics.usage_dropped.inc if metrics else None))
+        on_error = metrics.usage_write_errors.inc if metrics else None
+        on_drop = metrics.usage_dropped.inc if metrics else None
+        if path.startswith(POSTGRES_SCHEMES):
+            from gateway.ops.usage_pg import PgUsageLog
+            usage = PgUsageLog(path, on_error=on_error, on_drop=on_drop,
+                               on_spool_drop=getattr(metrics, "usage_spool_dropped", None))
+        else:
+            usage = UsageLog(path, on_error=on_error, on_drop=on_drop)
         app.extensions["gateway_usage"] = usage
 
         def log_usage(record: dict) -> None:
