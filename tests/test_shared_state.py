@@ -11,7 +11,7 @@ import pytest
 import requests
 
 from tests.conftest import Gunicorn, remote_config
-from tests.services import RUN, RedisServer, postgres_service, redis_service  # noqa: F401
+from tests.services import RUN, RedisServer
 from tests.test_ops_metrics import total
 
 ADMIN = f"admin-shared-{RUN}"

@@ -11,7 +11,7 @@ import pytest
 import requests
 
 from tests.conftest import Gunicorn, remote_config
-from tests.services import RUN, TcpProxy, postgres_service  # noqa: F401
+from tests.services import RUN, TcpProxy
 from tests.test_ops_metrics import total
 
 ALICE, ADMIN = f"alice-pg-{RUN}", f"admin-pg-{RUN}"
