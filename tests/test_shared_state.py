@@ -116,6 +116,22 @@ def test_redis_stopped_or_hung_mid_run_never_fails_a_request(fake_upstream, redi
             return requests.get(g.url + "/health/ready", headers=_auth(ADMIN), timeout=5).json()["shared_state"]
 
         assert {s for s, _ in run(4)} == {200} and ready()["up"] is True
+        import redis
+        r = redis.Redis(port=own.port)
+        def counts():
+            stats = r.info("commandstats")
+            return [sum(stats.get(f"cmdstat_{c}", {}).get("calls", 0) for c in group)
+                    for group in (("evalsha", "eval"), ("get",), ("set", "incr", "pttl", "mget"))]
+        before = counts()
+        for _ in range(5):   # 32 chunks each: one round trip per request, none per chunk
+            body = requests.post(g.url + "/api/chat", json={"model": "oai:chunks-32-0", **CHAT, "stream": True},
+                                 headers=_auth(ADMIN), timeout=10).content
+            assert body.count(b"\n") == 33
+        after = counts()
+        scripts, gets, others = (x - y for x, y in zip(after, before))
+        assert scripts == 5, "one script call per request"
+        assert gets == 5 * 2 and others == 5, "inside it: a GET per key, one INCR; nothing per chunk"
+        r.close()
         own.stop()
         down = run(10) + run(4, ADMIN)
         assert {s for s, _ in down} == {200}
