@@ -19,6 +19,7 @@ from urllib.parse import quote
 from gateway.canonical import (ChatRequest, Chunk, EmbedRequest, EmbedResult, ModelCard,
                                ToolCall)
 from gateway.errors import BadRequest, Passthrough, UpstreamFailed
+from gateway.tool_calls import new_call_id
 from providers import gemini_wire as wire
 from providers.remote import (PASS, ROTATE_AUTH, ROTATE_RATE, RemoteProvider, UpstreamHTTPError,
                               parse_retry_after)
@@ -120,7 +121,7 @@ class GeminiProvider(RemoteProvider):
                 usage = p.usage          # cumulative: the last one is the total
             calls = []
             for name, args, upstream_id, sig in p.calls:
-                call_id = wire.encode_call_id(upstream_id or wire.new_call_id(), sig)
+                call_id = wire.encode_call_id(upstream_id or new_call_id(), sig)
                 if sig:
                     self._remember(call_id, name, args, sig)
                 calls.append(ToolCall(name=name, arguments=args, id=call_id, index=n_calls,
