@@ -10,7 +10,7 @@ Behaviour is chosen by the API key (so one server serves every scenario at once)
   garbage... a malformed JSON event mid-stream    nodone... stream ends with no finish, no [DONE]
   trunc...   stream cut in the middle of an event
 and by the model id:  "chunks-N-D" streams N chunks D ms apart; "missing" → 404;
-"tools" / "tools-2" → one / two parallel get_weather calls, or, once the conversation ends
+"tools" / "tools-2" → one / two parallel get_weather calls ("tools-raw": with broken JSON), or, once the conversation ends
 with tool results, "Results: <them, joined by '; '>"; Gemini "slow-MS" sends a first event at
 once and the rest MS ms later (generateContent waits MS ms before answering);
 anything else echoes the last user message.
@@ -186,10 +186,12 @@ def openai_chat(body, key, start):
     calls = None
     if model.startswith("tools") and results:
         pieces = ["Results: ", "; ".join(results)]
-    elif model in ("tools", "tools-2"):
+    elif model in ("tools", "tools-2", "tools-raw"):
         calls = [{"index": i, "id": f"call_up{i}", "type": "function",
                   "function": {"name": "get_weather", "arguments": json.dumps({"city": c})}}
-                 for i, c in enumerate(_CITIES[:1 if model == "tools" else 2])]
+                 for i, c in enumerate(_CITIES[:1 if model != "tools-2" else 2])]
+        if model == "tools-raw":      # a model that wrote broken JSON
+            calls[0]["function"]["arguments"] = '{"city": "Tok'
     usage = {"prompt_tokens": 7, "completion_tokens": len(pieces), "total_tokens": 7 + len(pieces)}
     if not body.get("stream"):
         msg = {"role": "assistant", "content": "".join(pieces) if not calls else ""}
