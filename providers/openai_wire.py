@@ -15,6 +15,7 @@ from gateway.tool_calls import arguments_from_output, arguments_text, new_call_i
 # OpenRouter names efforts minimal/low/medium/high; Ollama's "max" has no upstream peer.
 _EFFORT = {"minimal": "minimal", "low": "low", "medium": "medium", "high": "high",
            "max": "high", "xhigh": "high"}
+_OPENAI_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh")
 _FINISH = {"stop": "stop", "length": "length", "tool_calls": "tool_calls",
            "function_call": "tool_calls", "content_filter": "stop"}
 
@@ -87,7 +88,10 @@ def to_body(req: ChatRequest, upstream_id: str) -> dict:
         body["max_tokens"] = o.num_predict
     if o.stop:
         body["stop"] = list(o.stop)
-    if req.format == "json":
+    passed = req.openai_fields
+    if "response_format" in passed:
+        body["response_format"] = passed["response_format"]
+    elif req.format == "json":
         body["response_format"] = {"type": "json_object"}
     elif isinstance(req.format, dict):
         body["response_format"] = {"type": "json_schema", "json_schema": {
@@ -96,7 +100,13 @@ def to_body(req: ChatRequest, upstream_id: str) -> dict:
         body["tools"] = req.tools
     if req.tool_choice is not None:
         body["tool_choice"] = req.tool_choice
-    if req.think:
+    if "reasoning_effort" in passed:
+        # OpenAI's own efforts go as sent; Ollama's extra names get their nearest peer.
+        effort = passed["reasoning_effort"]
+        body["reasoning_effort"] = effort if effort in _OPENAI_EFFORTS else _EFFORT.get(effort, "high")
+    elif "reasoning" in passed:
+        body["reasoning"] = passed["reasoning"]
+    elif req.think:
         level = req.think if isinstance(req.think, str) else "medium"
         body["reasoning"] = {"effort": _EFFORT.get(level.lower(), "medium")}
     return body

@@ -118,16 +118,19 @@ def chat_request(body) -> ChatRequest:
         elif rtype == "json_schema":
             schema = (rf.get("json_schema") or {}).get("schema") if isinstance(rf.get("json_schema"), dict) else None
             req.format = parse_format(schema if isinstance(schema, dict) else "json")
+            if isinstance(schema, dict):
+                req.openai_fields["response_format"] = rf
         elif rtype != "text":
             raise BadRequest('invalid value for field "response_format.type": expected text, json_object or json_schema')
-    effort = body.get("reasoning_effort")
+    effort, key = body.get("reasoning_effort"), "reasoning_effort"
     if effort is None and isinstance(body.get("reasoning"), dict):
-        effort = body["reasoning"].get("effort")
+        effort, key = body["reasoning"].get("effort"), "reasoning"
     if effort is not None:
-        if effort not in _EFFORT:
+        if not isinstance(effort, str) or effort not in _EFFORT:
             raise BadRequest(f'invalid value for field "reasoning_effort": {str(effort)[:40]!r} is not one of '
                              + ", ".join(_EFFORT))
         req.think = _EFFORT[effort]
+        req.openai_fields[key] = body[key]
     return _sampling(body, req)
 
 
