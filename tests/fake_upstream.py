@@ -126,7 +126,7 @@ def _openai_tool_order_error(messages):
     def bad(i, text):
         return {"error": {"message": text, "type": "invalid_request_error",
                           "param": f"messages.[{i}].role", "code": None}}
-    pending, owner, in_block = set(), None, False
+    pending, asked, owner, in_block = set(), [], None, False
     for i, m in enumerate(list(messages or []) + [{"role": "end"}]):
         role = m.get("role") if isinstance(m, dict) else None
         if role == "tool":
