@@ -145,8 +145,10 @@ def usage_db_value(value, file: str):
         forms = ", ".join(["a SQLite file path"] + [form for _, form in USAGE_DB_SCHEMES])
         raise ConfigError(file, "server.usage_db",
                           f"{m.group(1)}:// is not supported by this build (supported: {forms})")
-    if m and not value[m.end():].lstrip("/"):
-        raise ConfigError(file, "server.usage_db", "sqlite:/// needs a file path (sqlite:///data/usage.sqlite3)")
+    if m and m.group(1).lower() == "sqlite" and (not value.lower().startswith("sqlite:///")
+                                                 or not value[len("sqlite:///"):].strip("/")):
+        raise ConfigError(file, "server.usage_db",
+                          "sqlite URLs are sqlite:///relative/path or sqlite:////absolute/path")
     return value
 
 

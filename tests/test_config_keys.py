@@ -139,7 +139,8 @@ def test_sqlite_urls_name_the_file_sqlalchemy_style():
     off = build_settings({"server": {"usage_db": ""}}, env={})
     assert [db_path(s) for s in (rel, absolute, plain, off)] == [
         "data/u.sqlite3", "/var/lib/gw/u.sqlite3", "/srv/u.sqlite3", None]
-    assert "needs a file path" in _error({"server": {"usage_db": "sqlite://"}})
+    for bad in ("sqlite://", "sqlite:///", "sqlite://host/u.db"):
+        assert "sqlite:///relative/path or sqlite:////absolute/path" in _error({"server": {"usage_db": bad}})
 
 
 def test_check_config_validates_without_starting(tmp_path):
