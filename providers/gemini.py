@@ -66,12 +66,14 @@ class GeminiProvider(RemoteProvider):
             caps = ["completion", "tools", "vision"]
             if wire.supports_thinking(uid):
                 caps.append("thinking")
-        return ModelCard(name=full, provider=self.name, upstream_id=uid, size=0,
-                         digest=hashlib.sha256(full.encode()).hexdigest(),
-                         modified_at=MODIFIED_AT, format="api", family="gemini",
-                         families=["gemini"], parameter_size="", quantization_level="",
-                         context_length=None if embedding else CONTEXT_LENGTH,
-                         capabilities=caps)
+        return self.with_context_length(ModelCard(
+            name=full, provider=self.name, upstream_id=uid, size=0,
+            digest=hashlib.sha256(full.encode()).hexdigest(),
+            modified_at=MODIFIED_AT, format="api", family="gemini", families=["gemini"],
+            parameter_size="", quantization_level="", capabilities=caps))
+
+    def default_context_length(self, uid: str) -> Optional[int]:
+        return None if "embedding" in uid.lower() else CONTEXT_LENGTH
 
     # ---- chat -------------------------------------------------------------------------------
     def chat(self, req: ChatRequest, upstream_id: str) -> Iterator[Chunk]:

@@ -35,11 +35,11 @@ class OpenAIProvider(RemoteProvider):
     def _card(self, uid: str) -> ModelCard:
         full = f"{self.name}:{uid}"
         family = uid.split("/", 1)[0] if "/" in uid else self.name
-        return ModelCard(name=full, provider=self.name, upstream_id=uid, size=0,
-                         digest=hashlib.sha256(full.encode()).hexdigest(),
-                         modified_at=_STARTED, format="api", family=family, families=[family],
-                         parameter_size="", quantization_level="",
-                         capabilities=["completion", "tools"])
+        return self.with_context_length(ModelCard(
+            name=full, provider=self.name, upstream_id=uid, size=0,
+            digest=hashlib.sha256(full.encode()).hexdigest(),
+            modified_at=_STARTED, format="api", family=family, families=[family],
+            parameter_size="", quantization_level="", capabilities=["completion", "tools"]))
 
     def models(self) -> list:
         return [self._card(uid) for uid in self.model_ids]

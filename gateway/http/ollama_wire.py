@@ -140,6 +140,8 @@ def digest(card) -> str:
 
 def tag_entry(card) -> dict:
     d = details(card)
+    if card.context_length:        # Ollama 0.30+: clients read the context length here
+        d["context_length"] = int(card.context_length)
     entry = {"name": card.name, "model": card.name, "modified_at": rfc3339(card.modified_at or 0),
              "size": int(card.size or 0), "digest": digest(card), "details": d}
     if card.capabilities:
