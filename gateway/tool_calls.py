@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import secrets
+from collections import deque
 from dataclasses import replace
 from typing import Optional
 
@@ -131,8 +132,7 @@ def pair_tool_results(messages: list) -> list:
                 return cid
 
     out = []
-    current: dict = {}                  # id -> call, of the nearest assistant message
-    unanswered: list = []               # its calls not answered yet, in order
+    open_calls = _OpenCalls([])
     for m in messages:
         if m.role == "assistant":
             calls, seen = [], set()
@@ -140,27 +140,39 @@ def pair_tool_results(messages: list) -> list:
                 cid = tc.id if tc.id and tc.id not in seen else fresh()
                 seen.add(cid)
                 calls.append(tc if cid == tc.id else replace(tc, id=cid))
-            current = {tc.id: tc for tc in calls}
-            unanswered = list(calls)
+            open_calls = _OpenCalls(calls)
             out.append(replace(m, tool_calls=calls) if m.tool_calls else m)
         elif m.role == "tool":
-            call = _answered_call(m, current, unanswered)
-            if call is None:
-                out.append(m)
-                continue
-            if call in unanswered:
-                unanswered.remove(call)
-            out.append(replace(m, tool_call_id=call.id, tool_name=call.name))
+            call = open_calls.answer(m.tool_call_id, m.tool_name)
+            out.append(m if call is None else replace(m, tool_call_id=call.id, tool_name=call.name))
         else:
             out.append(m)
     return out
 
 
-def _answered_call(m, current: dict, unanswered: list) -> Optional[object]:
-    if m.tool_call_id and m.tool_call_id in current:
-        return current[m.tool_call_id]
-    if m.tool_name:
-        for tc in unanswered:
-            if tc.name == m.tool_name:
-                return tc
-    return unanswered[0] if unanswered else None
+class _OpenCalls:
+    """The calls of one assistant message and which are answered; each lookup is amortised
+    O(1), so a conversation of many calls and results costs linear time."""
+
+    def __init__(self, calls: list):
+        self.by_id = {tc.id: tc for tc in calls}
+        self.order = deque(calls)
+        self.by_name: dict = {}
+        for tc in calls:
+            self.by_name.setdefault(tc.name, deque()).append(tc)
+        self.answered: set = set()
+
+    def _first(self, queue):
+        while queue and queue[0].id in self.answered:
+            queue.popleft()
+        return queue[0] if queue else None
+
+    def answer(self, call_id: Optional[str], name: Optional[str]):
+        call = self.by_id.get(call_id) if call_id else None
+        if call is None and name:
+            call = self._first(self.by_name.get(name) or deque())
+        if call is None:
+            call = self._first(self.order)
+        if call is not None:
+            self.answered.add(call.id)
+        return call

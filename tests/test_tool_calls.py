@@ -123,3 +123,12 @@ def test_broken_arguments_from_a_model_keep_the_raw_text_on_both_surfaces(client
     assert r.status_code == 200, r.data
     args = r.json["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"]
     assert json.loads(args) == {"_raw": '{"city": "Tok'}
+
+
+@pytest.mark.timeout(30)     # quadratic pairing would take many minutes here
+def test_pairing_many_calls_and_results_stays_linear():
+    n = 50000
+    msgs = [Message(role="assistant", tool_calls=[ToolCall(name=f"f{i % 7}", arguments={}) for i in range(n)])]
+    msgs += [Message(role="tool", content="r", tool_name="absent") for _ in range(n)]
+    out = pair_tool_results(msgs)
+    assert [m.tool_call_id for m in out[1:4]] == ["call_1", "call_2", "call_3"]
