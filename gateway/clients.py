@@ -28,7 +28,6 @@ from gateway.errors import Forbidden, register_secret
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@\-]{0,63}$")
 LIMITS = ("rpm", "tpm", "max_parallel", "tokens_per_day")
-CLIENT_KEYS = ("name", "key", "models") + LIMITS
 _current: ContextVar = ContextVar("gateway_client", default=None)
 
 
@@ -42,6 +41,12 @@ class Client:
     max_parallel: int = 0
     tokens_per_day: int = 0
 
+    def __getitem__(self, field: str):
+        """c["rpm"]: the checked config entry, read as the mapping it was written as."""
+        if field not in self.__dataclass_fields__:
+            raise KeyError(field)
+        return getattr(self, field)
+
     @property
     def limited(self) -> bool:
         return bool(self.rpm or self.tpm or self.max_parallel or self.tokens_per_day)
@@ -53,21 +58,13 @@ class Client:
         return any(fnmatch.fnmatchcase(n, g) for n in names for g in self.models)
 
 
-def parse_clients(value, file: str) -> list:
-    from gateway.settings import ConfigError   # settings imports this module
-    if value is None or value == []:
-        return []
-    if not isinstance(value, list):
-        raise ConfigError(file, "server.clients", "must be a list of {name, key, models, rpm, tpm, "
-                                                  "max_parallel, tokens_per_day}")
+def parse_clients(value: list, file: str) -> list:
+    """Client objects from entries gateway.settings.check_clients has checked (known keys, a
+    key, numbers); here: a name, unique names and keys, whole limits (0: none)."""
+    from gateway.settings import ConfigError, key_list   # settings imports this module
     out, names, keys = [], set(), set()
-    for i, c in enumerate(value):
+    for i, c in enumerate(value or []):
         path = f"server.clients[{i}]"
-        if not isinstance(c, dict):
-            raise ConfigError(file, path, "must be a mapping with name and key")
-        for k in c:
-            if k not in CLIENT_KEYS:
-                raise ConfigError(file, f"{path}.{k}", f"unknown key (known: {', '.join(CLIENT_KEYS)})")
         name = c.get("name")
         if not isinstance(name, str) or not _NAME.match(name):
             raise ConfigError(file, f"{path}.name", "is required: letters, digits, '.', '_', '-' or '@' "
@@ -82,21 +79,15 @@ def parse_clients(value, file: str) -> list:
         key = key.strip()
         if key in keys:
             raise ConfigError(file, f"{path}.key", "is the key of another client")
-        models = c.get("models")
-        if models is None:
-            models = []
-        if isinstance(models, str):
-            models = [models]
-        if not isinstance(models, list) or not all(isinstance(m, str) and m for m in models):
-            raise ConfigError(file, f"{path}.models", "must be a list of model names or globs")
+        models = key_list(c.get("models"), file, f"{path}.models")
         limits = {}
         for k in LIMITS:
             v = c.get(k)
             if v is None:
                 limits[k] = 0
                 continue
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v != int(v) or v < 1:
-                raise ConfigError(file, f"{path}.{k}", f"must be a positive whole number, got {v!r}")
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v != int(v) or v < 0:
+                raise ConfigError(file, f"{path}.{k}", f"must be a whole number (0: no limit), got {v!r}")
             limits[k] = int(v)
         register_secret(key)
         names.add(name)

@@ -171,10 +171,10 @@ def test_client_name_in_access_log_usage_and_metrics(make_app, fake_upstream, tm
     ({"key": "k-1234"}, "server.clients[0].name"),
     ({"name": "a b", "key": "k-1234"}, "server.clients[0].name"),
     ({"name": "a"}, "server.clients[0].key"),
-    ({"name": "a", "key": "k-1234", "rpm": 0}, "server.clients[0].rpm"),
+    ({"name": "a", "key": "k-1234", "rpm": -1}, "server.clients[0].rpm"),
     ({"name": "a", "key": "k-1234", "tpm": "lots"}, "server.clients[0].tpm"),
     ({"name": "a", "key": "k-1234", "models": "oai:*", "max_parallel": 1.5}, "server.clients[0].max_parallel"),
-    ({"name": "a", "key": "k-1234", "models": [1]}, "server.clients[0].models"),
+    ({"name": "a", "key": "k-1234", "models": {"oai:*": 1}}, "server.clients[0].models"),
     ({"name": "a", "key": "k-1234", "rps": 3}, "server.clients[0].rps"),
 ])
 def test_bad_client_settings_name_the_field(fake_upstream, client, field):
