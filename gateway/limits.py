@@ -204,3 +204,8 @@ def admit_request(st, record: dict) -> None:
     ticket = st.limits.admit(clients.current())
     if ticket is not None:
         record["limit_ticket"] = ticket
+
+
+def release(st, record: dict) -> None:
+    """A request that crashed (not a GatewayError: no observer sees it) gives its slot back."""
+    st.limits.finish(record.get("limit_ticket"), 0)

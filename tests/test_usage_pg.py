@@ -172,3 +172,24 @@ def test_usage_db_urls_of_other_databases_are_not_files(value, fake_upstream, ma
     with pytest.raises(ConfigError) as e:
         build_settings(_cfg(fake_upstream, value), "x.yaml", env={})
     assert e.value.path == "server.usage_db"
+
+
+def test_the_spool_is_bounded_and_counts_what_it_drops(tmp_path):
+    from gateway.ops.usage_pg import PgUsageLog
+
+    class Count:
+        n = 0
+
+        def inc(self, k=1):
+            self.n += k
+    dropped = Count()
+    usage = PgUsageLog("postgresql://127.0.0.1:9/test", on_spool_drop=dropped, spool_dir=str(tmp_path),
+                       max_spool_rows=3)
+    try:
+        for i in range(5):
+            usage.record({"route": "/api/chat", "model": "m", "status": 200})
+        assert usage.flush(10)
+        assert usage.spool_rows() == 3 and dropped.n == 2 and usage.spool_dropped == 2
+        assert sum(1 for _ in open(usage.spool.path)) == 3
+    finally:
+        usage.close()

@@ -7,7 +7,7 @@ from __future__ import annotations
 from flask import request
 
 from gateway import reqctx
-from gateway.limits import admit_request
+from gateway.limits import admit_request, release
 from gateway.errors import GatewayError
 from gateway.http.heartbeat import Deferred, await_first
 from gateway.http.streaming import collect
@@ -29,6 +29,9 @@ def answer(st, req, tally, heartbeat, render_whole, render_stream):
         except GatewayError as e:
             tally.error = e
             finish(tally)
+            raise
+        except Exception:
+            release(st, record)
             raise
         finish(tally)
         return render_whole(tally)
@@ -54,6 +57,9 @@ def start_chat(st, req, tally, record, heartbeat=False):
         tally.error = e
         record.update(tally.summary())
         st.finished(record)
+        raise
+    except Exception:
+        release(st, record)
         raise
     target = getattr(chunks, "target", None)
     record["provider"] = target.provider.name if target else None

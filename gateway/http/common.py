@@ -14,7 +14,7 @@ from flask import current_app, request
 from gateway.canonical import FLOAT_OPTIONS, INT_OPTIONS, Options
 from gateway.durations import parse_keep_alive
 from gateway import reqctx
-from gateway.limits import admit_request
+from gateway.limits import admit_request, release
 from gateway.errors import BadRequest, GatewayError, TooLarge
 
 _INT_LIMIT = 2 ** 63
@@ -208,6 +208,9 @@ def run_embed(st, req):
         record.update(status=e.status, error=e.message, error_class=type(e).__name__,
                       latency=time.perf_counter() - t0)
         st.finished(record)
+        raise
+    except Exception:
+        release(st, record)
         raise
     record.update(status=200, provider=target.provider.name, latency=time.perf_counter() - t0,
                   prompt_tokens=result.prompt_tokens)
