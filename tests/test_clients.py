@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+import uuid
 
 import pytest
 
@@ -30,6 +31,26 @@ def _cfg(upstream, tmp_path=None, **alice):
     if tmp_path is not None:
         cfg["server"]["usage_db"] = str(tmp_path / "usage.sqlite3")
     return cfg
+
+
+@pytest.fixture(params=["local", "redis"])
+def limits_mode(request, monkeypatch):
+    """Each limit test runs per process (no Redis) and with shared state in Redis (its own
+    key prefix per test), where two apps stand for two gateway processes."""
+    if request.param == "local":
+        return None
+    url, prefix = request.getfixturevalue("redis_service")
+    monkeypatch.setenv("GATEWAY_REDIS_PREFIX", f"{prefix}{uuid.uuid4().hex[:8]}:")
+    return url
+
+
+def _clients(make_app, cfg, redis_url):
+    """Two test clients: of one app without Redis, of two apps sharing Redis with it."""
+    if redis_url is None:
+        c = make_app(cfg).test_client()
+        return c, c
+    cfg["server"]["redis"] = redis_url
+    return make_app(cfg).test_client(), make_app(cfg).test_client()
 
 
 def _auth(key):
@@ -80,11 +101,11 @@ def test_model_lists_show_only_the_clients_models(make_app, fake_upstream):
     assert tags | v1 < everything
 
 
-def test_rpm_gives_429_naming_the_limit_with_retry_after(make_app, fake_upstream):
-    c = make_app(_cfg(fake_upstream, rpm=3)).test_client()
+def test_rpm_gives_429_naming_the_limit_with_retry_after(make_app, fake_upstream, limits_mode):
+    c, other = _clients(make_app, _cfg(fake_upstream, rpm=3), limits_mode)
     _fresh_minute()
-    assert [_chat(c, ALICE).status_code for _ in range(3)] == [200, 200, 200]
-    r = _chat(c, ALICE, path="/v1/chat/completions")
+    assert [_chat(x, ALICE).status_code for x in (c, other, c)] == [200, 200, 200]
+    r = _chat(other, ALICE, path="/v1/chat/completions")
     assert r.status_code == 429
     assert "limit rpm reached (3 requests per minute)" in r.json["error"]["message"]
     assert 1 <= int(r.headers["Retry-After"]) <= 60
@@ -100,30 +121,30 @@ def test_forbidden_models_do_not_use_up_the_rpm(make_app, fake_upstream):
     assert [_chat(c, ALICE).status_code for _ in range(3)] == [200, 200, 429]
 
 
-def test_tpm_counts_real_usage_when_the_answer_ends(make_app, fake_upstream):
-    c = make_app(_cfg(fake_upstream, tpm=ECHO_TOKENS + 1)).test_client()
+def test_tpm_counts_real_usage_when_the_answer_ends(make_app, fake_upstream, limits_mode):
+    c, other = _clients(make_app, _cfg(fake_upstream, tpm=ECHO_TOKENS + 1), limits_mode)
     _fresh_minute()
     assert _chat(c, ALICE).status_code == 200          # 11 of 12 tokens used
-    r = _chat(c, ALICE, stream=True)                   # admitted: the overrun is finished
+    r = _chat(other, ALICE, stream=True)               # admitted: the overrun is finished
     assert r.status_code == 200 and b'"done":true' in r.get_data()
     r = _chat(c, ALICE)
     assert r.status_code == 429
     assert "limit tpm reached" in r.json["error"] and 1 <= int(r.headers["Retry-After"]) <= 60
 
 
-def test_tokens_per_day_gives_429_until_the_utc_day_ends(make_app, fake_upstream):
-    c = make_app(_cfg(fake_upstream, tokens_per_day=ECHO_TOKENS)).test_client()
+def test_tokens_per_day_gives_429_until_the_utc_day_ends(make_app, fake_upstream, limits_mode):
+    c, other = _clients(make_app, _cfg(fake_upstream, tokens_per_day=ECHO_TOKENS), limits_mode)
     assert _chat(c, ALICE, path="/v1/chat/completions").status_code == 200
-    r = _chat(c, ALICE, path="/v1/chat/completions")
+    r = _chat(other, ALICE, path="/v1/chat/completions")
     assert r.status_code == 429
     assert "limit tokens_per_day reached" in r.json["error"]["message"]
     left = 86400 - time.time() % 86400
     assert abs(int(r.headers["Retry-After"]) - left) <= 2
 
 
-def test_max_parallel_counts_requests_in_flight(make_app, fake_upstream):
-    c = make_app(_cfg(fake_upstream, max_parallel=1)).test_client()
-    held = c.post("/api/chat", json={"model": "oai:chunks-3-50", "stream": True, **CHAT},
+def test_max_parallel_counts_requests_in_flight(make_app, fake_upstream, limits_mode):
+    c, other = _clients(make_app, _cfg(fake_upstream, max_parallel=1), limits_mode)
+    held = other.post("/api/chat", json={"model": "oai:chunks-3-50", "stream": True, **CHAT},
                   headers=_auth(ALICE), buffered=False)
     assert held.status_code == 200
     r = _chat(c, ALICE)
