@@ -88,19 +88,21 @@ class SharedState:
 
     def call(self, fn):
         """fn(redis client)'s result, or None when Redis is down, slow or failing."""
+        probe = False
         if not self.up:
             now = time.monotonic()
             with self._lock:
                 if now < self._down_until or self._probing:
                     return None
-                self._probing = True   # one caller tries; the others keep local state
+                self._probing = probe = True   # one caller tries; the others keep local state
         try:
             out = fn(self.client)
         except self._errors as e:
             self._failed(e)
             return None
         finally:
-            self._probing = False
+            if probe:
+                self._probing = False
         if not self.up:
             self._recovered()
         return out
