@@ -29,6 +29,7 @@ import urllib.parse
 from typing import Optional
 
 from gateway.errors import ServiceBusy, register_secret, scrub
+from gateway.shared_state import safe_url
 from gateway.ops.usage import COLUMNS, GROUPS, MAX_BATCH, UsageLog, _row_dict
 
 log = logging.getLogger("gateway.usage")
@@ -64,14 +65,6 @@ _COPY = f"COPY usage ({', '.join(COLUMNS)}) FROM STDIN"
 _spool_ids = itertools.count()
 _active_spools: set = set()      # this process's spool files in use
 _spool_lock = threading.Lock()
-
-
-def safe_url(url: str) -> str:
-    try:
-        u = urllib.parse.urlsplit(url)
-        return f"{u.scheme}://{u.hostname or ''}{':%d' % u.port if u.port else ''}{u.path}"
-    except ValueError:
-        return "(unreadable URL)"
 
 
 def _pid_alive(pid: int) -> bool:
