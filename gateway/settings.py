@@ -39,6 +39,9 @@ class Settings:
     allowed_hosts: list = field(default_factory=list)
     max_body_mb: float = 10.0
     heartbeat: float = 10.0
+    client_header_timeout: float = 60.0   # seconds to receive a request head
+    client_body_timeout: float = 60.0     # seconds to receive a request body
+    keepalive_timeout: float = 75.0       # idle keep-alive connections closed after
     log_prompts: bool = False
     log_level: str = "INFO"
     usage_db: Optional[str] = None
@@ -180,6 +183,8 @@ def build_settings(raw, file: str = "<dict>", env=None) -> Settings:
     s.allowed_hosts = key_list(server.get("allowed_hosts"), file, "server.allowed_hosts")
     s.max_body_mb = _num(server, "max_body_mb", file, "server", 10.0, 0.001)
     s.heartbeat = _num(server, "heartbeat", file, "server", 10.0, 0.0)
+    for key in ("client_header_timeout", "client_body_timeout", "keepalive_timeout"):
+        setattr(s, key, _num(server, key, file, "server", getattr(s, key), 0.1))
     s.log_prompts = bool(server.get("log_prompts", False))
     s.log_level = str(server.get("log_level", "INFO")).upper()
     s.usage_db = server.get("usage_db")

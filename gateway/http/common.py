@@ -15,6 +15,7 @@ from gateway.canonical import FLOAT_OPTIONS, INT_OPTIONS, Options
 from gateway.durations import parse_keep_alive
 from gateway import reqctx
 from gateway.errors import BadRequest, GatewayError, TooLarge
+from gateway.ops.client_deadlines import ClientTooSlow
 
 _INT_LIMIT = 2 ** 63
 
@@ -26,7 +27,14 @@ def read_json_body(allow_empty: bool = False) -> dict:
     length = request.content_length
     if length is not None and length > limit:
         raise TooLarge(f"request body too large: {length} bytes, limit {limit}")
-    data = request.stream.read(limit + 1)
+    try:
+        data = request.stream.read(limit + 1)
+    except ClientTooSlow as e:
+        raise GatewayError(str(e), status=408)
+    except GatewayError:
+        raise
+    except Exception as e:   # a malformed chunked body, a cut connection
+        raise BadRequest(f"invalid request body: could not be read ({type(e).__name__})")
     if len(data) > limit:
         raise TooLarge(f"request body too large: over the limit of {limit} bytes")
     if not data.strip():
