@@ -65,6 +65,20 @@ class Router:
             return name[:-7]
         return None
 
+    def listed(self, name) -> bool:
+        """An alias or a configured model (not an unlisted id a remote provider would
+        forward): the names metrics keep as labels."""
+        if not isinstance(name, str) or not name:
+            return False
+        if self.alias_name(name) is not None:
+            return True
+        prefix, _, uid = name.partition(":")
+        p = self.providers.get(prefix)
+        try:
+            return p is not None and bool(uid) and p.listed(uid)
+        except Exception:   # a broken local file: not a label
+            return False
+
     def resolve(self, name: str) -> list:
         """Targets to try in order; raises the Ollama 404 when there are none."""
         if not isinstance(name, str) or not name:

@@ -105,6 +105,9 @@ class RemoteProvider(Provider):
         return (text or "").strip()[:500] or "no error message"
 
     # ---- discovery --------------------------------------------------------------------
+    def listed(self, upstream_id: str) -> bool:
+        return upstream_id in self.model_ids   # card() also accepts unlisted ids
+
     @property
     def offered(self) -> bool:
         return len(self.pool) > 0

@@ -18,6 +18,8 @@ from gateway.errors import BadRequest, GatewayError, TooLarge
 from gateway.ops.client_deadlines import ClientTooSlow
 
 _INT_LIMIT = 2 ** 63
+# Model names are kept in logs, metrics and the usage log: a client cannot make them big.
+MAX_MODEL_NAME = 512
 
 
 def read_json_body(allow_empty: bool = False) -> dict:
@@ -70,14 +72,21 @@ def get_str(body: dict, field: str, required=False, default=None, allow_empty=Tr
 
 
 def get_model(body: dict, legacy_name: bool = False) -> str:
+    field = "model"
     v = body.get("model")
     if (v is None or v == "") and legacy_name:
-        v = body.get("name")
+        field, v = "name", body.get("name")
     if v is None or v == "":
         raise BadRequest("model is required")
     if not isinstance(v, str):
-        raise _type_error("model", "a string")
-    return v
+        raise _type_error(field, "a string")
+    return check_model_name(v, field)
+
+
+def check_model_name(name: str, field: str = "model") -> str:
+    if len(name.encode("utf-8", "surrogatepass")) > MAX_MODEL_NAME:
+        raise BadRequest(f'invalid value for field "{field}": longer than {MAX_MODEL_NAME} bytes')
+    return name
 
 
 def get_bool(body: dict, field: str, default=None):

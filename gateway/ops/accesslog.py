@@ -83,6 +83,16 @@ def error_class(record: dict):
     return _CLASS_BY_STATUS.get(status, "GatewayError")
 
 
+# Each text field of a line is cut here: clients choose model names and paths.
+MAX_FIELD = 512
+
+
+def _cap(value, limit: int = MAX_FIELD):
+    if isinstance(value, str) and len(value) > limit:
+        return value[:limit] + "…"
+    return value
+
+
 def _ms(seconds):
     return None if seconds is None else round(seconds * 1000.0, 1)
 
@@ -92,11 +102,11 @@ def access_line(record: dict, client=None) -> str:
     err = record.get("error")
     line = {
         "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z",
-        "route": record.get("route"),
-        "model": record.get("model"),
-        "provider": record.get("provider"),
+        "route": _cap(record.get("route")),
+        "model": _cap(record.get("model")),
+        "provider": _cap(record.get("provider")),
         "key_index": record.get("key_index"),
-        "client": client,
+        "client": _cap(client),
         "stream": record.get("stream"),
         "status": record.get("status"),
         "latency_ms": _ms(record.get("latency")),
@@ -107,7 +117,7 @@ def access_line(record: dict, client=None) -> str:
         "error": scrub(err)[:500] if err else None,
     }
     if record.get("prompt") is not None:
-        line["prompt"] = record["prompt"]
+        line["prompt"] = _cap(record["prompt"], 2000)
     return scrub(json.dumps(line, ensure_ascii=False, default=str))
 
 

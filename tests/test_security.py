@@ -1,0 +1,55 @@
+"""What a hostile client can make the gateway spend or reveal: bounded model names,
+cross-site requests, path-steering model ids, keys as model names, log injection, deep
+nesting, and that every refused request is logged and counted."""
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+
+from tests.conftest import remote_config
+from tests.test_ops_logs import _capture
+from tests.test_ops_metrics import CHAT, samples
+
+
+@pytest.fixture
+def app(make_app, fake_upstream, tmp_path):
+    cfg = remote_config(fake_upstream)
+    cfg["server"]["usage_db"] = str(tmp_path / "usage.sqlite3")
+    return make_app(cfg)
+
+
+# ---- 1. model names ----------------------------------------------------------------------
+@pytest.mark.parametrize("route,field", [("/api/chat", "model"), ("/v1/chat/completions", "model"),
+                                         ("/api/embed", "model"), ("/api/show", "name"),
+                                         ("/api/copy", "source")])
+def test_a_model_name_over_512_bytes_is_a_400_naming_the_field(app, route, field):
+    c = app.test_client()
+    long_name = "oai:" + "é" * 300            # 604 bytes, 304 characters
+    body = {field: long_name, "input": "x", **CHAT}
+    r = c.post(route, json=body)
+    assert r.status_code == 400, r.data
+    msg = json.dumps(r.get_json())
+    assert f'field \\"{field}\\"' in msg and "512 bytes" in msg and "éééé" not in msg
+
+
+def test_unlisted_model_names_cost_one_metric_label_and_bounded_usage_groups(app, monkeypatch):
+    from gateway.ops import usage
+    monkeypatch.setattr(usage, "MAX_GROUPS", 3)
+    c = app.test_client()
+    names = [f"oai:unlisted-{i}-" + "z" * 480 for i in range(5)] + [f"nope-{i}" for i in range(3)]
+    for n in names:
+        c.post("/api/chat", json={"model": n, "stream": False, **CHAT}).get_data()
+    assert c.post("/api/chat", json={"model": "oai:echo", "stream": False, **CHAT}).status_code == 200
+    text = c.get("/metrics").get_data(as_text=True)
+    assert "unlisted" not in text and "nope-" not in text
+    models = {dict(ls).get("model") for (n, ls) in samples(text) if n == "gateway_requests_total"}
+    assert models == {"other", "oai:echo"}
+    assert len(text) < 20000
+    out = c.get("/api/usage?group_by=model").get_json()
+    assert out["total"]["requests"] == len(names) + 1
+    groups = out["groups"]
+    assert len(groups) == 4 and groups[-1]["model"] == "other"
+    assert sum(g["requests"] for g in groups) == len(names) + 1
+    assert all(len(g["model"]) <= 512 for g in groups)
