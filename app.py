@@ -42,6 +42,7 @@ def create_app(settings=None):
 
     @app.before_request
     def _guard():
+        guard.check_origin()
         pre = guard.preflight()
         if pre is not None:
             return pre

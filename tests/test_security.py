@@ -7,6 +7,7 @@ import json
 import logging
 
 import pytest
+import requests
 
 from tests.conftest import remote_config
 from tests.test_ops_logs import _capture
@@ -53,3 +54,39 @@ def test_unlisted_model_names_cost_one_metric_label_and_bounded_usage_groups(app
     assert len(groups) == 4 and groups[-1]["model"] == "other"
     assert sum(g["requests"] for g in groups) == len(names) + 1
     assert all(len(g["model"]) <= 512 for g in groups)
+
+
+def upstream_calls(upstream: str) -> int:
+    return sum(requests.get(upstream + "/_stats", timeout=5).json()["requests"].values())
+
+
+# ---- 3. cross-site requests ----------------------------------------------------------------
+@pytest.mark.parametrize("method,route", [("POST", "/api/chat"), ("POST", "/v1/chat/completions"),
+                                          ("GET", "/api/tags"), ("GET", "/api/version"),
+                                          ("GET", "/metrics"), ("OPTIONS", "/api/chat"),
+                                          ("GET", "/no/such/route")])
+def test_a_request_from_an_origin_not_allowed_is_403_on_every_route(app, fake_upstream, method, route):
+    c = app.test_client()
+    before = upstream_calls(fake_upstream)
+    body = json.dumps({"model": "oai:echo", "stream": False, **CHAT})
+    r = c.open(route, method=method, data=body, content_type="text/plain",
+               headers={"Origin": "https://evil.example"})
+    assert r.status_code == 403, r.data
+    assert "server.cors_origins" in r.get_data(as_text=True)
+    assert "Origin" in r.headers.get("Vary", "") and "Access-Control-Allow-Origin" not in r.headers
+    assert upstream_calls(fake_upstream) == before
+
+
+def test_allowed_origins_and_requests_without_origin_are_served_with_vary_origin(make_app, fake_upstream):
+    cfg = remote_config(fake_upstream)
+    cfg["server"]["cors_origins"] = ["https://app.example"]
+    c = make_app(cfg).test_client()
+    body = {"model": "oai:echo", "stream": False, **CHAT}
+    for origin in ("https://app.example", "http://localhost:3000", "chrome-extension://abc", None):
+        headers = {"Origin": origin} if origin else {}
+        r = c.post("/api/chat", json=body, headers=headers)
+        assert r.status_code == 200, (origin, r.data)
+        assert "Origin" in r.headers.get("Vary", "")
+        assert r.headers.get("Access-Control-Allow-Origin") == origin
+    r = c.get("/api/version")
+    assert r.status_code == 200 and "Origin" in r.headers.get("Vary", "")
