@@ -90,3 +90,38 @@ def test_allowed_origins_and_requests_without_origin_are_served_with_vary_origin
         assert r.headers.get("Access-Control-Allow-Origin") == origin
     r = c.get("/api/version")
     assert r.status_code == 200 and "Origin" in r.headers.get("Vary", "")
+
+
+# ---- 10. refused requests are logged and counted, once -------------------------------------
+def test_every_error_answer_writes_one_access_line_and_counts_once(make_app, fake_upstream):
+    from tests.test_ops_metrics import total
+    cfg = remote_config(fake_upstream, server={"usage_db": "", "api_keys": ["client-key-sec-1"]})
+    c = make_app(cfg).test_client()
+    auth = {"Authorization": "Bearer client-key-sec-1"}
+    body = {"model": "oai:echo", "stream": False, **CHAT}
+    buf, h = _capture()
+    try:
+        assert c.post("/api/chat", json=body).status_code == 401
+        assert c.post("/api/chat", json=body, headers={"Authorization": "Bearer guess"}).status_code == 401
+        assert c.post("/api/chat", json=body, headers={**auth, "Origin": "https://evil.example"}).status_code == 403
+        assert c.post("/api/chat", data=b"{not json", headers=auth).status_code == 400
+        assert c.get("/x" * 3000, headers=auth).status_code == 404
+        assert c.post("/api/chat", json={**body, "model": "nope"}, headers=auth).status_code == 404
+        assert c.post("/api/chat", json=body, headers=auth).status_code == 200
+        assert c.get("/api/tags", headers=auth).status_code == 200
+        text = c.get("/metrics", headers=auth).get_data(as_text=True)
+    finally:
+        logging.getLogger("gateway.access").removeHandler(h)
+    lines = [json.loads(x) for x in buf.getvalue().splitlines()]
+    assert [ln["status"] for ln in lines] == [401, 401, 403, 400, 404, 404, 200]
+    assert [ln["error_class"] for ln in lines[:5]] == ["Unauthorized", "Unauthorized", "Forbidden",
+                                                       "BadRequest", "NotFound"]
+    assert lines[0]["route"] == "/api/chat" and "API key" in lines[0]["error"]
+    assert lines[1]["client"] and lines[1]["client"] != lines[2]["client"]
+    assert len(lines[4]["route"]) <= 513
+    assert total(text, "gateway_requests_total", route="/api/chat", status="401") == 2
+    assert total(text, "gateway_requests_total", route="/api/chat", status="403") == 1
+    assert total(text, "gateway_requests_total", route="/api/chat", status="400") == 1
+    assert total(text, "gateway_requests_total", route="other", status="404") == 1
+    assert total(text, "gateway_requests_total", route="/api/chat", status="404") == 1
+    assert total(text, "gateway_requests_total") == 7

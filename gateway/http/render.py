@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from flask import Response, has_request_context, request
+from flask import Response, g, has_request_context, request
 
 from gateway.errors import scrub
 
@@ -19,6 +19,8 @@ def method() -> str:
 
 def error(e) -> Response:
     status = getattr(e, "status", 500) or 500
+    if has_request_context():
+        g.gateway_error = e        # for the access-log line of a refused request
     msg = scrub(getattr(e, "message", None) or str(e))
     if path().startswith("/v1"):
         kind = getattr(e, "kind", "api_error")

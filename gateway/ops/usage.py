@@ -360,6 +360,8 @@ def install(app, state) -> None:
         app.extensions["gateway_usage"] = usage
 
         def log_usage(record: dict) -> None:
+            if record.get("model") is None:   # refused before a model was named: no usage
+                return
             rec = dict(record, provider=provider_of(record, state))
             usage.record(rec, current_client_key())
 
