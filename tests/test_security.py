@@ -125,3 +125,25 @@ def test_every_error_answer_writes_one_access_line_and_counts_once(make_app, fak
     assert total(text, "gateway_requests_total", route="other", status="404") == 1
     assert total(text, "gateway_requests_total", route="/api/chat", status="404") == 1
     assert total(text, "gateway_requests_total") == 7
+
+
+# ---- 6. keys as model names ----------------------------------------------------------------
+@pytest.mark.parametrize("route", ["/api/chat", "/v1/chat/completions"])
+def test_a_key_sent_as_a_model_name_gets_the_same_404_as_any_unknown_name(app, fake_upstream, route):
+    c = app.test_client()
+    before = upstream_calls(fake_upstream)
+    buf, h = _capture()
+    try:
+        answers = {}
+        for name in ("ok-oai-1", "ok-oai-9", "oai:x-ok-gem-1", "oai:x-ok-gem-9", "nop:x-ok-gem-9"):
+            r = c.post(route, json={"model": name, "stream": False, **CHAT})
+            answers[name] = (r.status_code, r.get_data(as_text=True).replace(name, "NAME"))
+    finally:
+        logging.getLogger("gateway.access").removeHandler(h)
+    assert answers["ok-oai-1"] == answers["ok-oai-9"] and answers["ok-oai-1"][0] == 404
+    assert answers["oai:x-ok-gem-1"] == answers["nop:x-ok-gem-9"]
+    assert upstream_calls(fake_upstream) == before + 1     # only the unlisted oai:x-ok-gem-9 went out
+    seen = c.get("/metrics").get_data(as_text=True) + c.get("/api/usage?group_by=model").get_data(as_text=True)
+    seen += buf.getvalue()
+    assert "ok-oai-1" not in seen and "ok-gem-1" not in seen
+    assert "ok-oai-9" in c.get("/api/usage?group_by=model").get_data(as_text=True)

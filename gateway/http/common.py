@@ -14,7 +14,7 @@ from flask import current_app, request
 from gateway.canonical import FLOAT_OPTIONS, INT_OPTIONS, Options
 from gateway.durations import parse_keep_alive
 from gateway import reqctx
-from gateway.errors import BadRequest, GatewayError, TooLarge
+from gateway.errors import BadRequest, GatewayError, TooLarge, contains_secret, model_not_found
 from gateway.ops.client_deadlines import ClientTooSlow
 
 _INT_LIMIT = 2 ** 63
@@ -86,6 +86,9 @@ def get_model(body: dict, legacy_name: bool = False) -> str:
 def check_model_name(name: str, field: str = "model") -> str:
     if len(name.encode("utf-8", "surrogatepass")) > MAX_MODEL_NAME:
         raise BadRequest(f'invalid value for field "{field}": longer than {MAX_MODEL_NAME} bytes')
+    if contains_secret(name):
+        # The same 404 as any unknown name, before anything records the name.
+        raise model_not_found(name)
     return name
 
 

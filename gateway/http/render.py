@@ -21,7 +21,7 @@ def error(e) -> Response:
     status = getattr(e, "status", 500) or 500
     if has_request_context():
         g.gateway_error = e        # for the access-log line of a refused request
-    msg = scrub(getattr(e, "message", None) or str(e))
+    msg = getattr(e, "client_message", None) or scrub(getattr(e, "message", None) or str(e))
     if path().startswith("/v1"):
         kind = getattr(e, "kind", "api_error")
         if status == 404 and kind == "api_error":
