@@ -147,3 +147,28 @@ def test_a_key_sent_as_a_model_name_gets_the_same_404_as_any_unknown_name(app, f
     seen += buf.getvalue()
     assert "ok-oai-1" not in seen and "ok-gem-1" not in seen
     assert "ok-oai-9" in c.get("/api/usage?group_by=model").get_data(as_text=True)
+
+
+# ---- 4. path steering in model ids ---------------------------------------------------------
+STEERING_IDS = ["gem:../../../x", "gem:models/../../x", "gem:./x", "gem:x?key=1", "gem:x#frag",
+                "gem:x%2F..%2Fy", "gem:a\\b", "gem:a//b", "gem:/x", "gem:x/", "gem:x\ny", "gem:.",
+                "oai:../v1/x", "oai:x\r\nHost: evil", "gem:x\u2028y", "gem:x\x85y"]
+
+
+@pytest.mark.parametrize("name", STEERING_IDS)
+def test_model_ids_that_could_steer_an_upstream_path_are_a_400_before_any_upstream_call(app, fake_upstream, name):
+    c = app.test_client()
+    before = upstream_calls(fake_upstream)
+    for route, body in (("/api/chat", {"stream": False, **CHAT}), ("/v1/chat/completions", CHAT),
+                        ("/api/embed", {"input": "x"}), ("/api/show", {})):
+        r = c.post(route, json={"model": name, **body})
+        assert r.status_code == 400, (route, r.data)
+        assert 'field \\"model\\"' in json.dumps(r.get_json())
+    assert upstream_calls(fake_upstream) == before
+
+
+def test_ordinary_ids_with_slashes_colons_and_dots_still_reach_the_upstream(app):
+    c = app.test_client()
+    for name in ("oai:meta/llama:free", "gem:gemini-2.5-flash", "gem:models/gemini-2.5-flash"):
+        r = c.post("/api/chat", json={"model": name, "stream": False, **CHAT})
+        assert r.status_code == 200, (name, r.data)
