@@ -102,7 +102,8 @@ class RemoteProvider(Provider):
             return err
         if isinstance(body, list) and body and isinstance(body[0], dict):
             return self.error_message(body[0], text)
-        return (text or "").strip()[:500] or "no error message"
+        # Scrub, then cut: a cut first would leave a key's head that scrub() cannot match.
+        return scrub((text or "").strip())[:500] or "no error message"
 
     # ---- discovery --------------------------------------------------------------------
     def listed(self, upstream_id: str) -> bool:
@@ -170,7 +171,7 @@ class RemoteProvider(Provider):
                 return resp
             text, parsed = read_error_body(resp)
             verdict, seconds = self.classify(resp.status_code, parsed, text, resp.headers)
-            msg = scrub(self.error_message(parsed, text))
+            msg = scrub(self.error_message(parsed, text))[:1000]
             if verdict == PASS:
                 log.info("provider=%s key_index=%d status=%d passthrough", self.name, idx,
                          resp.status_code)

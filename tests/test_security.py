@@ -172,3 +172,16 @@ def test_ordinary_ids_with_slashes_colons_and_dots_still_reach_the_upstream(app)
     for name in ("oai:meta/llama:free", "gem:gemini-2.5-flash", "gem:models/gemini-2.5-flash"):
         r = c.post("/api/chat", json={"model": name, "stream": False, **CHAT})
         assert r.status_code == 200, (name, r.data)
+
+
+# ---- 5. a key straddling the cut of an upstream error ----------------------------------------
+def test_an_upstream_error_is_scrubbed_before_it_is_cut(make_app, fake_upstream):
+    key = "cutecho-straddling-key-0123456789"
+    cfg = remote_config(fake_upstream)
+    cfg["providers"]["oai"]["api_keys"] = [key]
+    c = make_app(cfg).test_client()
+    r = c.post("/api/chat", json={"model": "oai:echo", "stream": False, **CHAT})
+    assert r.status_code == 400
+    err = r.get_json()["error"]
+    assert "xxxxxxxx" in err and "***" in err
+    assert key[:8] not in err and "straddling" not in err
