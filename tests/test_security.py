@@ -185,3 +185,30 @@ def test_an_upstream_error_is_scrubbed_before_it_is_cut(make_app, fake_upstream)
     err = r.get_json()["error"]
     assert "xxxxxxxx" in err and "***" in err
     assert key[:8] not in err and "straddling" not in err
+
+
+# ---- 7. log injection --------------------------------------------------------------------------
+def test_control_characters_and_line_separators_are_escaped_in_every_log_line(app):
+    import io
+
+    from gateway.ops.accesslog import ScrubFilter
+    handlers = [h for name in (None, "gateway.access") for h in logging.getLogger(name).handlers
+                if any(isinstance(f, ScrubFilter) for f in h.filters) and type(h) is logging.StreamHandler]
+    assert len(handlers) >= 2       # the plain log lines' handler and the access log's
+    buf = io.StringIO()
+    old = [h.setStream(buf) for h in handlers]
+    forged = 'x\n2026-01-01 INFO forged: line\r\x1b[2J\u2028\u2029\x85{"ts": "forged"}'
+    try:
+        logging.getLogger("gateway.upstream").warning("upstream said: %s", forged)
+        r = app.test_client().post("/api/chat", json={"model": "nope" + forged, **CHAT})
+        assert r.status_code == 404
+    finally:
+        for h, s in zip(handlers, old):
+            h.setStream(s)
+    lines = buf.getvalue().splitlines()
+    assert len(lines) == 2, lines
+    plain, access = lines
+    assert "upstream said: x\\n2026-01-01 INFO forged" in plain
+    assert json.loads(access)["model"] == "nope" + forged     # still valid JSON, same text
+    for ch in "\r\x1b\u2028\u2029\x85":
+        assert ch not in buf.getvalue()
