@@ -212,3 +212,54 @@ def test_control_characters_and_line_separators_are_escaped_in_every_log_line(ap
     assert json.loads(access)["model"] == "nope" + forged     # still valid JSON, same text
     for ch in "\r\x1b\u2028\u2029\x85":
         assert ch not in buf.getvalue()
+
+
+# ---- 8. deep nesting and malformed bodies are 400s ---------------------------------------------
+def _nested_schema(levels: int) -> str:
+    return '{"type":"object","properties":{"a":' * (levels // 2) + '{"type":"string"}' + "}}" * (levels // 2)
+
+
+def _tool_messages(arguments: str) -> str:
+    return ('[{"role":"user","content":"x"},{"role":"assistant","tool_calls":[{"id":"c1","type":"function",'
+            '"function":{"name":"f","arguments":%s}}]},{"role":"tool","tool_call_id":"c1","content":"ok"}]'
+            % arguments)
+
+
+@pytest.mark.parametrize("model", ["oai:echo", "gem:gemini-2.5-flash"])
+def test_a_format_schema_nested_hundreds_deep_is_a_400_naming_the_field(app, model):
+    for levels, shown in ((400, 'field "format": nested deeper than'), (960, "nested deeper than 100")):
+        body = '{"model":"%s","stream":false,"messages":[{"role":"user","content":"x"}],"format":%s}' % (
+            model, _nested_schema(levels))
+        r = app.test_client().post("/api/chat", data=body)
+        assert r.status_code == 400 and shown in r.get_json()["error"], r.data
+    ok = body.replace(_nested_schema(960), _nested_schema(40))
+    assert app.test_client().post("/api/chat", data=ok).status_code == 200
+
+
+@pytest.mark.parametrize("arguments", ["[" * 960 + "]" * 960, "[" * 100000])
+def test_deeply_nested_tool_arguments_on_v1_are_a_400(app, arguments):
+    c = app.test_client()
+    for args in (json.dumps(arguments), arguments if arguments.endswith("]") else None):
+        if args is None:
+            continue
+        r = c.post("/v1/chat/completions", data='{"model":"oai:echo","messages":%s}' % _tool_messages(args))
+        assert r.status_code == 400, r.data[:300]
+        assert "tool_calls[0].function.arguments" in r.get_json()["error"]["message"] or \
+            "nested deeper than" in r.get_json()["error"]["message"]
+
+
+def test_a_malformed_chunked_body_is_a_400_under_gunicorn(gunicorn_gateway):
+    import socket
+    g = gunicorn_gateway({"server": {"host": "127.0.0.1", "port": 0, "usage_db": ""}})
+    for chunks in (b"zz\r\n{}\r\n0\r\n\r\n", b"5\r\n{}\r\n0\r\n\r\n"):
+        s = socket.create_connection(("127.0.0.1", g.port), timeout=10)
+        s.sendall(b"POST /api/chat HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n" + chunks)
+        data = b""
+        while b"\r\n\r\n" not in data or not data.rstrip().endswith(b"}"):
+            part = s.recv(65536)
+            if not part:
+                break
+            data += part
+        s.close()
+        assert data.startswith(b"HTTP/1.1 400"), data[:300]
+        assert b"invalid request body" in data

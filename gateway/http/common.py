@@ -18,6 +18,9 @@ from gateway.errors import BadRequest, GatewayError, TooLarge, contains_secret, 
 from gateway.ops.client_deadlines import ClientTooSlow
 
 _INT_LIMIT = 2 ** 63
+# Deeper JSON than this is refused at the door: recursive code further on (schema
+# conversion, re-encoding for the upstream) would otherwise fail with a 500.
+MAX_DEPTH = 100
 # Model names are kept in logs, metrics and the usage log: a client cannot make them big.
 MAX_MODEL_NAME = 512
 
@@ -47,11 +50,32 @@ def read_json_body(allow_empty: bool = False) -> dict:
         body = json.loads(data)
     except UnicodeDecodeError:
         raise BadRequest("invalid request body: not valid UTF-8")
-    except (ValueError, RecursionError) as e:
+    except RecursionError:
+        raise BadRequest(f"invalid request body: nested deeper than {MAX_DEPTH} levels")
+    except ValueError as e:
         raise BadRequest(f"invalid JSON in request body: {str(e)[:120]}")
     if not isinstance(body, dict):
         raise BadRequest("invalid request body: expected a JSON object")
+    if data.count(b"{") + data.count(b"[") > MAX_DEPTH:   # else it cannot be that deep
+        for key, value in body.items():
+            check_depth(value, key, 2)
     return body
+
+
+def check_depth(value, field: str, depth: int = 1) -> None:
+    """BadRequest naming `field` when `value` nests deeper than MAX_DEPTH (no recursion)."""
+    stack = [(value, depth)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, dict):
+            children = v.values()
+        elif isinstance(v, list):
+            children = v
+        else:
+            continue
+        if d > MAX_DEPTH:
+            raise BadRequest(f'invalid value for field "{field}": nested deeper than {MAX_DEPTH} levels')
+        stack.extend((c, d + 1) for c in children if isinstance(c, (dict, list)))
 
 
 def _type_error(field: str, expected: str):

@@ -49,7 +49,7 @@ def _tool_calls(value, field):
         if isinstance(args, str):
             try:
                 args = json.loads(args) if args.strip() else {}
-            except ValueError:
+            except (ValueError, RecursionError):
                 args = {"_raw": args}
         if args is None:
             args = {}

@@ -14,7 +14,7 @@ from flask import Blueprint, Response, current_app
 from gateway.canonical import ChatRequest, Chunk, EmbedRequest, Message, ToolCall
 from gateway.errors import BadRequest, GatewayError
 from gateway.http import ollama_wire
-from gateway.http.common import (check_model_name, get_bool, get_model, get_number, get_str, parse_format, parse_tools,
+from gateway.http.common import (check_depth, check_model_name, get_bool, get_model, get_number, get_str, parse_format, parse_tools,
                                  read_json_body, run_embed, stop_list, strip_data_url)
 from gateway.http.answer import answer
 from gateway.http.streaming import Tally, drive
@@ -77,7 +77,8 @@ def _message(m, i) -> Message:
         if isinstance(args, str):
             try:
                 args = json.loads(args) if args.strip() else {}
-            except ValueError:
+                check_depth(args, f"{f}.tool_calls[{k}].function.arguments")
+            except (ValueError, RecursionError):
                 raise BadRequest(f'invalid value for field "{f}.tool_calls[{k}].function.arguments": not valid JSON')
         if not isinstance(args, dict):
             args = {"value": args}
