@@ -263,3 +263,33 @@ def test_a_malformed_chunked_body_is_a_400_under_gunicorn(gunicorn_gateway):
         s.close()
         assert data.startswith(b"HTTP/1.1 400"), data[:300]
         assert b"invalid request body" in data
+
+
+# ---- 9. local model files ----------------------------------------------------------------------
+def test_models_dir_lists_only_gguf_files_inside_it_and_load_errors_name_the_model(make_app, tmp_path):
+    import os
+
+    from tests.tiny_gguf import write_corrupt_gguf, write_tiny_gguf
+    d = tmp_path / "models"
+    d.mkdir()
+    good = write_tiny_gguf(str(d / "good.gguf"))
+    write_corrupt_gguf(str(d / "broken.gguf"), good)
+    outside = tmp_path / "private"
+    outside.mkdir()
+    write_tiny_gguf(str(outside / "elsewhere.gguf"))
+    os.symlink(outside / "elsewhere.gguf", d / "escape.gguf")           # out of the folder
+    os.symlink(d / "good.gguf", d / "alias-inside.gguf")                # inside: fine
+    (d / "notgguf.gguf").write_bytes(b"PK\x03\x04 private bytes " * 8)
+    (d / "folder.gguf").mkdir()
+    os.mkfifo(d / "pipe.gguf")
+    app = make_app({"server": {"usage_db": ""},
+                    "providers": {"local": {"type": "local", "models_dir": str(d)}}})
+    c = app.test_client()
+    names = sorted(m["name"] for m in c.get("/api/tags").get_json()["models"])
+    assert names == ["local:alias-inside", "local:broken", "local:good"]
+    for name in ("escape", "notgguf", "folder", "pipe"):
+        assert c.post("/api/show", json={"model": f"local:{name}"}).status_code == 404
+    r = c.post("/api/chat", json={"model": "local:broken", "stream": False, **CHAT})
+    assert r.status_code == 500
+    err = r.get_json()["error"]
+    assert err.startswith("failed to load model broken") and str(tmp_path) not in err and ".gguf" not in err
