@@ -104,3 +104,27 @@ def test_client_timeouts_must_be_positive_numbers(key):
     assert getattr(build_settings({"server": {key: 2.5}}), key) == 2.5
     with pytest.raises(ConfigError, match=f"server.{key}"):
         build_settings({"server": {key: 0}})
+
+
+def test_a_nearly_full_worker_closes_the_longest_waiting_heads_so_others_are_served(gunicorn_gateway):
+    cfg = {"server": {"host": "127.0.0.1", "port": 0, "usage_db": ""}}     # default 60 s deadlines
+    g = gunicorn_gateway(cfg, env={"GATEWAY_WORKER_CONNECTIONS": "20"})
+    slow = []
+    for _ in range(30):          # more slow heads than the worker has places
+        s = socket.create_connection(("127.0.0.1", g.port))
+        s.sendall(b"GET /api/version HTTP/1.1\r\n")
+        slow.append(s)
+        time.sleep(0.01)
+    for _ in range(5):
+        assert requests.get(g.url + "/api/version", timeout=5).status_code == 200
+    closed = 0
+    for s in slow:
+        s.settimeout(0.05)
+        try:
+            closed += s.recv(1) == b""
+        except socket.timeout:
+            pass
+        except OSError:
+            closed += 1
+        s.close()
+    assert closed >= 10

@@ -9,13 +9,20 @@ of the phase the server is in. The servers mark the phases: gunicorn's gevent wo
 A head or idle deadline passing reads as end of stream, so the server closes the
 connection quietly; a body deadline raises ClientTooSlow once (the app answers 408) and
 reads as end of stream after that.
+
+Deadlines alone do not stop a flood of slow connections from filling gunicorn's
+connection pool (worker_connections) while they last. So, as nginx reuses its idle
+connections when it runs short, a worker that is nearly full closes the connection that
+has waited longest for a request head whenever a new one arrives.
 """
 from __future__ import annotations
 
 import io
 import socket
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Optional
 
 import gevent
 from gevent import pywsgi
@@ -37,11 +44,38 @@ class ClientTimeouts:
                    settings.keepalive_timeout)
 
 
+class Connections:
+    """The open connections of one server; those waiting for a request head, oldest
+    first, are the ones closed to make room when the server is nearly full."""
+
+    def __init__(self, capacity: Optional[int] = None):
+        self.capacity = capacity
+        # Keep a tenth of the pool for new clients (at least one place).
+        self.limit = None if not capacity else max(1, capacity - max(1, capacity // 10))
+        self.live = 0
+        self.waiting: OrderedDict = OrderedDict()
+        self.evicted = 0
+
+    def opened(self, conn: "ClientSocket") -> None:
+        self.live += 1
+        while self.limit is not None and self.live > self.limit and self.waiting:
+            oldest, _ = self.waiting.popitem(last=False)
+            if oldest is conn:
+                continue
+            oldest.evict()
+            self.evicted += 1
+            break
+
+    def closed(self, conn: "ClientSocket") -> None:
+        self.live -= 1
+        self.waiting.pop(conn, None)
+
+
 class ClientSocket:
     """A connected client socket whose reads end at the current phase's deadline. Every
     other attribute is the wrapped socket's."""
 
-    def __init__(self, sock, timeouts: ClientTimeouts):
+    def __init__(self, sock, timeouts: ClientTimeouts, conns: Optional[Connections] = None):
         self._inner = sock
         self._t = timeouts
         self._deadline = time.monotonic() + timeouts.header
@@ -49,6 +83,24 @@ class ClientSocket:
         self._phase = "header"
         self._expired = False
         self.served = 0
+        self._conns = conns
+        if conns is not None:
+            conns.waiting[self] = None
+            conns.opened(self)
+
+    def close_connection(self) -> None:
+        """The server is done with this connection (called once, from its handler)."""
+        if self._conns is not None:
+            self._conns.closed(self)
+            self._conns = None
+
+    def evict(self) -> None:
+        """Close a connection that waits for a request head: its pending read ends."""
+        self._expired = True
+        try:
+            self._inner.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
     # ---- phases, marked by the server -------------------------------------------------
     def begin_head(self) -> None:
@@ -56,6 +108,9 @@ class ClientSocket:
         timeout; later ones may wait keepalive_timeout for their first byte."""
         now = time.monotonic()
         self._phase = "header"
+        if self._conns is not None:
+            self._conns.waiting[self] = None
+            self._conns.waiting.move_to_end(self)
         if self.served == 0:
             self._idle = False
             self._deadline = now + self._t.header
@@ -64,6 +119,8 @@ class ClientSocket:
             self._deadline = now + self._t.keepalive
 
     def begin_body(self) -> None:
+        if self._conns is not None:
+            self._conns.waiting.pop(self, None)
         self.served += 1
         self._idle = False
         self._phase = "body"
@@ -101,6 +158,8 @@ class ClientSocket:
 
     def _expire(self, eof):
         self._expired = True
+        if self._conns is not None:
+            self._conns.waiting.pop(self, None)
         if self._phase == "body":
             raise ClientTooSlow(f"request body not received within {self._t.body:g} s "
                                 "(server.client_body_timeout)")

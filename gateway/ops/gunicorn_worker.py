@@ -1,7 +1,8 @@
 """gunicorn's gevent worker with the client deadlines of gateway/ops/client_deadlines.py
 (gunicorn.conf.py names it as worker_class). Each connection's socket becomes a
 ClientSocket; gunicorn's keep-alive wait (`timeout_ctx`) starts a head phase and each
-request a body phase."""
+request a body phase. The pool (worker_connections) sizes the Connections registry that
+closes the longest-waiting connection when the worker is nearly full."""
 from __future__ import annotations
 
 import contextlib
@@ -9,7 +10,7 @@ from contextvars import ContextVar
 
 from gunicorn.workers.ggevent import GeventWorker
 
-from gateway.ops.client_deadlines import ClientSocket, ClientTimeouts
+from gateway.ops.client_deadlines import ClientSocket, ClientTimeouts, Connections
 
 _conn: ContextVar = ContextVar("gateway_client_socket", default=None)
 
@@ -24,10 +25,16 @@ class DeadlineGeventWorker(GeventWorker):
         return t
 
     def handle(self, listener, client, addr):
+        conns = getattr(self, "_connections", None)
+        if conns is None:
+            conns = self._connections = Connections(self.worker_connections)
         # Each connection runs in its own greenlet, so the context variable is its own.
-        wrapped = ClientSocket(client, self._timeouts())
+        wrapped = ClientSocket(client, self._timeouts(), conns)
         _conn.set(wrapped)
-        super().handle(listener, wrapped, addr)
+        try:
+            super().handle(listener, wrapped, addr)
+        finally:
+            wrapped.close_connection()
 
     def timeout_ctx(self):
         conn = _conn.get()
