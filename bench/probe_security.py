@@ -227,6 +227,12 @@ def section(results: dict) -> str:
                          f"worker RSS after: {ln['worker_rss_mb']:,.0f} MB.")
         for f in r.get("floods", []):
             lines.append(_flood_line(f))
+    lines += ["", "Reading: a flood below `worker_connections` never filled main's pool, so main served "
+              "it; one above it starved every other client for as long as it lasted, deadlines or "
+              "not, since the attacker reopens what the server closes. With the fix a worker past 90% "
+              "of its places closes the connection that has waited longest for a request head, so "
+              "normal requests keep being served; what they pay is the CPU of the attacker's "
+              "reconnect storm on this 2-core box (client and server share it)."]
     return "\n".join(lines) + "\n"
 
 
