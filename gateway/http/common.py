@@ -16,6 +16,7 @@ from gateway.durations import parse_keep_alive
 from gateway import reqctx
 from gateway.errors import BadRequest, GatewayError, TooLarge, contains_secret, model_not_found
 from gateway.ops.client_deadlines import ClientTooSlow
+from gateway.tool_calls import too_deep
 
 _INT_LIMIT = 2 ** 63
 # Deeper JSON than this is refused at the door: recursive code further on (schema
@@ -58,24 +59,9 @@ def read_json_body(allow_empty: bool = False) -> dict:
         raise BadRequest("invalid request body: expected a JSON object")
     if data.count(b"{") + data.count(b"[") > MAX_DEPTH:   # else it cannot be that deep
         for key, value in body.items():
-            check_depth(value, key, 2)
+            if too_deep(value, MAX_DEPTH - 1):
+                raise BadRequest(f'invalid value for field "{key}": nested deeper than {MAX_DEPTH} levels')
     return body
-
-
-def check_depth(value, field: str, depth: int = 1) -> None:
-    """BadRequest naming `field` when `value` nests deeper than MAX_DEPTH (no recursion)."""
-    stack = [(value, depth)]
-    while stack:
-        v, d = stack.pop()
-        if isinstance(v, dict):
-            children = v.values()
-        elif isinstance(v, list):
-            children = v
-        else:
-            continue
-        if d > MAX_DEPTH:
-            raise BadRequest(f'invalid value for field "{field}": nested deeper than {MAX_DEPTH} levels')
-        stack.extend((c, d + 1) for c in children if isinstance(c, (dict, list)))
 
 
 def _type_error(field: str, expected: str):
