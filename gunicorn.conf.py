@@ -36,7 +36,8 @@ workers = int(os.environ.get("GATEWAY_WORKERS") or _default_workers(_settings))
 worker_connections = int(os.environ.get("GATEWAY_WORKER_CONNECTIONS", "4096"))
 timeout = 0                 # streams may run long; gevent workers heartbeat on their own
 graceful_timeout = int(os.environ.get("GATEWAY_GRACEFUL_TIMEOUT", "30"))
-keepalive = max(1, int(_settings.keepalive_timeout + 0.999))   # on; the worker enforces the time
+# On unless server.keepalive_timeout is 0; the worker enforces the exact idle time.
+keepalive = int(_settings.keepalive_timeout + 0.999)
 accesslog = None            # the app logs one line per request itself
 errorlog = "-"
 loglevel = os.environ.get("GATEWAY_LOG_LEVEL", "info")

@@ -98,8 +98,8 @@ def test_slow_head_body_and_idle_connections_are_closed_by_the_dev_server(tmp_pa
         stop(proc)
 
 
-@pytest.mark.parametrize("key", sorted(TIMEOUTS))
-def test_client_timeouts_must_be_positive_numbers(key):
+@pytest.mark.parametrize("key", ["client_header_timeout", "client_body_timeout"])
+def test_read_timeouts_must_be_positive_numbers(key):
     from gateway.settings import ConfigError, build_settings
     assert getattr(build_settings({"server": {key: 2.5}}), key) == 2.5
     with pytest.raises(ConfigError, match=f"server.{key}"):
