@@ -77,6 +77,7 @@ class ClientSocket:
 
     def __init__(self, sock, timeouts: ClientTimeouts, conns: Optional[Connections] = None):
         self._inner = sock
+        self.sendall = sock.sendall      # the write path, without a __getattr__ per chunk
         self._t = timeouts
         self._deadline = time.monotonic() + timeouts.header
         self._idle = False
