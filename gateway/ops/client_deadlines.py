@@ -28,8 +28,9 @@ import gevent
 from gevent import pywsgi
 
 
-class ClientTooSlow(Exception):
-    """The request body did not arrive in time."""
+class ClientTooSlow(TimeoutError):
+    """The request body did not arrive in time. An OSError, so a server draining the
+    rest of a body after the answer treats it as the connection failing."""
 
 
 @dataclass(frozen=True)
