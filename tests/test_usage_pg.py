@@ -69,7 +69,8 @@ def _comparable(answer):
     return strip(answer["total"]), groups
 
 
-def test_same_rows_and_answers_as_sqlite(make_app, fake_upstream, tmp_path, postgres_service):
+def test_same_rows_and_answers_as_sqlite(make_app, fake_upstream, tmp_path, postgres_service, monkeypatch):
+    monkeypatch.setattr("gateway.ops.usage.MAX_GROUPS", 2)   # so the "other" group shows too
     url = _with_table(postgres_service[0].split("?")[0], f"gwtest_{RUN}_same")
     pg = make_app(_cfg(fake_upstream, url)).test_client()
     lite = make_app(_cfg(fake_upstream, str(tmp_path / "usage.sqlite3"))).test_client()
@@ -81,6 +82,7 @@ def test_same_rows_and_answers_as_sqlite(make_app, fake_upstream, tmp_path, post
         a, b = pg.get("/api/usage" + q, headers=_auth(ADMIN)), lite.get("/api/usage" + q, headers=_auth(ADMIN))
         assert a.status_code == b.status_code == 200
         assert _comparable(a.json) == _comparable(b.json), q
+    assert pg.get("/api/usage?group_by=model", headers=_auth(ADMIN)).json["groups"][-1]["model"] == "other"
     j = pg.get("/api/usage?group_by=client", headers=_auth(ADMIN)).json
     assert {g["client"] for g in j["groups"]} >= {"alice"} and j["total"]["requests"] == 5
     with psycopg.connect(url) as conn:

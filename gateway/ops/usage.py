@@ -37,6 +37,10 @@ MAX_BATCH = 500
 ERROR_LOG_EVERY = 60.0      # at most one log line a minute while writes keep failing
 # client_key holds the client's name (server.clients) or a hash of its key (server.api_keys)
 GROUPS = {"model": "model", "provider": "provider", "client": "client_key", "key": "client_key"}
+# Clients choose model names: rows keep at most this much of one, and /api/usage lists at
+# most MAX_GROUPS groups (the busiest), the rest summed as one "other" group.
+MAX_TEXT = 512
+MAX_GROUPS = 200
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS usage (
@@ -97,6 +101,10 @@ def _int(v):
         return None
 
 
+def _text(v):
+    return None if v is None else str(v)[:MAX_TEXT]
+
+
 def _ms(v):
     try:
         return None if v is None else round(float(v) * 1000.0, 3)
@@ -124,8 +132,8 @@ class UsageLog:
 
     # ---- the request side: never blocks ---------------------------------------------------
     def row(self, record: dict, client_key=None, now=None) -> tuple:
-        return (time.time() if now is None else now, client_key, record.get("route"),
-                record.get("provider"), record.get("model"), _int(record.get("key_index")),
+        return (time.time() if now is None else now, client_key, _text(record.get("route")),
+                _text(record.get("provider")), _text(record.get("model")), _int(record.get("key_index")),
                 _int(record.get("status")), 1 if record.get("stream") else 0,
                 _int(record.get("prompt_tokens")), _int(record.get("completion_tokens")),
                 _ms(record.get("latency")), _ms(record.get("ttft")))
@@ -267,30 +275,48 @@ class UsageLog:
         return _blocking(self._summary, since, group_by)
 
     def _summary(self, since, group_by):
-        col = GROUPS[group_by] if group_by else None
-        where, args = ("WHERE ts >= ?", [since]) if since is not None else ("", [])
-        select = ("COUNT(*), SUM(CASE WHEN status >= 400 THEN 1 ELSE 0 END), "
-                  "COALESCE(SUM(prompt_tokens), 0), COALESCE(SUM(completion_tokens), 0), "
-                  "AVG(latency_ms), AVG(ttft_ms)")
-        total, groups = _row_dict(None), []
         if not os.path.exists(self.path):
-            return {"total": total, "groups": groups}
+            return {"total": _row_dict(None), "groups": []}
         conn = sqlite3.connect(self.path, timeout=self.busy_timeout)
         try:
-            total = _row_dict(conn.execute(f"SELECT {select} FROM usage {where}", args).fetchone())
-            if col:
-                q = (f"SELECT {col}, {select} FROM usage {where} GROUP BY {col} "
-                     f"ORDER BY COUNT(*) DESC")
-                for r in conn.execute(q, args):
-                    d = {group_by: r[0]}
-                    d.update(_row_dict(r[1:]))
-                    groups.append(d)
+            return summarize(lambda q, args: conn.execute(q, args).fetchall(), "?", since, group_by)
         except sqlite3.OperationalError as e:
             if "no such table" not in str(e):
                 raise
+            return {"total": _row_dict(None), "groups": []}
         finally:
             conn.close()
-        return {"total": total, "groups": groups}
+
+
+def summarize(query, ph: str, since, group_by) -> dict:
+    """/api/usage's answer from any SQL database: query(sql, args) -> rows; `ph` is the
+    driver's placeholder (SQLite "?", psycopg "%s")."""
+    col = GROUPS[group_by] if group_by else None
+    where, args = (f"WHERE ts >= {ph}", [since]) if since is not None else ("", [])
+    select = ("COUNT(*), SUM(CASE WHEN status >= 400 THEN 1 ELSE 0 END), "
+              "COALESCE(SUM(prompt_tokens), 0), COALESCE(SUM(completion_tokens), 0), "
+              "AVG(latency_ms), AVG(ttft_ms)")
+    total = _row_dict(query(f"SELECT {select} FROM usage {where}", args)[0])
+    groups = []
+    if col:
+        rows = query(f"SELECT {col}, {select} FROM usage {where} GROUP BY {col} "
+                     f"ORDER BY COUNT(*) DESC, {col} IS NULL, {col} LIMIT {MAX_GROUPS + 1}", args)
+        for r in rows[:MAX_GROUPS]:
+            d = {group_by: r[0]}
+            d.update(_row_dict(r[1:]))
+            groups.append(d)
+        if len(rows) > MAX_GROUPS:
+            # Every row outside the groups shown, as one "other" group.
+            shown = [r[0] for r in rows[:MAX_GROUPS]]
+            named = [v for v in shown if v is not None]
+            cond = [f"{col} NOT IN ({', '.join([ph] * len(named))})"] if named else []
+            if None in shown:
+                cond.append(f"{col} IS NOT NULL")
+            clause = (where + " AND " if where else "WHERE ") + " AND ".join(cond)
+            d = {group_by: "other"}
+            d.update(_row_dict(query(f"SELECT {select} FROM usage {clause}", list(args) + named)[0]))
+            groups.append(d)
+    return {"total": total, "groups": groups}
 
 
 def _row_dict(r) -> dict:
@@ -346,6 +372,8 @@ def install(app, state) -> None:
         app.extensions["gateway_usage"] = usage
 
         def log_usage(record: dict) -> None:
+            if record.get("model") is None:   # refused before a model was named: no usage
+                return
             rec = dict(record, provider=provider_of(record, state))
             usage.record(rec, current_client_key())
 

@@ -30,7 +30,7 @@ from typing import Optional
 
 from gateway.errors import ServiceBusy, register_secret, scrub
 from gateway.shared_state import safe_url
-from gateway.ops.usage import COLUMNS, GROUPS, MAX_BATCH, UsageLog, _row_dict
+from gateway.ops.usage import COLUMNS, MAX_BATCH, UsageLog, summarize
 
 log = logging.getLogger("gateway.usage")
 # The pool logs every failed connection attempt; while the database is down that is a line
@@ -304,31 +304,18 @@ class PgUsageLog(UsageLog):
     # ---- reading ----------------------------------------------------------------------------
     def summary(self, since: Optional[float] = None, group_by: Optional[str] = None) -> dict:
         self.flush(1.0)
-        col = GROUPS[group_by] if group_by else None
-        where, args = ("WHERE ts >= %s", [since]) if since is not None else ("", [])
-        select = ("COUNT(*), SUM(CASE WHEN status >= 400 THEN 1 ELSE 0 END), "
-                  "COALESCE(SUM(prompt_tokens), 0), COALESCE(SUM(completion_tokens), 0), "
-                  "AVG(latency_ms), AVG(ttft_ms)")
         try:
             self._open_pool()
             with self.pool.connection() as conn:
                 if not self._schema_ready:
                     _ensure_schema(conn)
                     self._schema_ready = True
-                total = _row_dict(conn.execute(f"SELECT {select} FROM usage {where}", args).fetchone())
-                groups = []
-                if col:
-                    q = f"SELECT {col}, {select} FROM usage {where} GROUP BY {col} ORDER BY COUNT(*) DESC"
-                    for r in conn.execute(q, args):
-                        d = {group_by: r[0]}
-                        d.update(_row_dict(r[1:]))
-                        groups.append(d)
+                return summarize(lambda q, args: conn.execute(q, args).fetchall(), "%s", since, group_by)
         except Exception as e:
             self._down = True
             log.warning("usage log %s: cannot read: %s: %s", self.path, type(e).__name__, scrub(str(e))[:200])
             raise ServiceBusy(f"the usage database is unreachable ({type(e).__name__}); "
                               "rows are kept and written when it is back") from None
-        return {"total": total, "groups": groups}
 
 
 def _ensure_schema(conn) -> None:
