@@ -22,9 +22,9 @@ from requests.structures import CaseInsensitiveDict
 
 from gateway import reqctx
 from gateway.canonical import ModelCard
-from gateway.http.streaming import more_ready
 from gateway.errors import (BadRequest, GatewayError, Passthrough, RateLimited, UpstreamFailed,
                             UpstreamTimeout, scrub)
+from gateway.reqctx import more_ready
 from providers.remote_config import RemoteConfig
 from providers.keypool import AUTH, RATE, TRANSIENT, KeyPool
 
@@ -319,7 +319,7 @@ def _sse_events(resp, convert) -> Iterator:
     generator per event.
 
     While the surface that drives the stream has put a hint in the context
-    (gateway.http.streaming.more_ready), item 0 says whether another whole event has
+    (gateway.reqctx.more_ready), item 0 says whether another whole event has
     already arrived after the one just yielded: the surface may then write the chunks
     of one burst together, and it never holds anything while this reader would wait."""
     raw = resp.raw
