@@ -21,7 +21,7 @@ from gateway.errors import UpstreamFailed, scrub
 from providers.openai_wire import (ThinkSplitter, ToolCallAccumulator, error_text,
                                    finish_to_done_reason, reasoning_of, to_body, usage_into)
 from providers.remote import (PASS, ROTATE_AUTH, ROTATE_RATE, ROTATE_TRANSIENT, RemoteProvider,
-                              UpstreamHTTPError, parse_retry_after)
+                              UpstreamHTTPError, gather, parse_retry_after)
 
 _STARTED = time.time()   # remote models have no file date; a stable one keeps lists steady
 _MODERATION_WORDS = ("moderation", "flagged")
@@ -85,7 +85,7 @@ class OpenAIProvider(RemoteProvider):
             if req.stream:
                 yield from chunks
             else:
-                yield from _gather(chunks)
+                yield from gather(chunks)
         finally:
             resp.close()
 
@@ -169,19 +169,6 @@ class OpenAIProvider(RemoteProvider):
 
 
 # ---- helpers ----------------------------------------------------------------------------
-def _gather(chunks) -> Iterator[Chunk]:
-    whole = Chunk()
-    for ch in chunks:
-        if ch.done:
-            if whole.content or whole.thinking or whole.tool_calls:
-                yield whole
-            yield ch
-            return
-        whole.content += ch.content
-        whole.thinking += ch.thinking
-        whole.tool_calls.extend(ch.tool_calls)
-
-
 def _flush_into(out: Chunk, split: ThinkSplitter, tools: ToolCallAccumulator) -> None:
     content, think = split.flush()
     out.content += content

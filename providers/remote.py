@@ -21,7 +21,7 @@ from requests.adapters import HTTPAdapter
 from requests.structures import CaseInsensitiveDict
 
 from gateway import reqctx
-from gateway.canonical import ModelCard
+from gateway.canonical import Chunk, ModelCard
 from gateway.errors import (BadRequest, GatewayError, Passthrough, RateLimited, UpstreamFailed,
                             UpstreamTimeout, scrub)
 from gateway.reqctx import more_ready
@@ -266,6 +266,22 @@ def _json_loads(data: bytes):
     if end != len(text):
         return json.loads(text)
     return obj
+
+
+def gather(chunks) -> Iterator[Chunk]:
+    """A streamed answer as one chunk plus the final one, for a client that did not ask to
+    stream. Adapters stream upstream even then: `timeout` bounds the wait for the first
+    byte, and a non-streamed upstream answer sends nothing until the generation is done."""
+    whole = Chunk()
+    for ch in chunks:
+        if ch.done:
+            if whole.content or whole.thinking or whole.tool_calls:
+                yield whole
+            yield ch
+            return
+        whole.content += ch.content
+        whole.thinking += ch.thinking
+        whole.tool_calls.extend(ch.tool_calls)
 
 
 def read_error_body(resp: requests.Response, limit: int = 65536):
