@@ -4,13 +4,12 @@ No HTTP here, so every rule is testable with plain objects. Used by OpenAIProvid
 """
 from __future__ import annotations
 
-import base64
-import binascii
 from typing import Optional
 
 from gateway.canonical import ChatRequest, Chunk, Message, ToolCall
 from gateway.errors import BadRequest
 from gateway.tool_calls import arguments_from_output, arguments_text, new_call_id, pair_tool_results
+from providers.media import sniff_mime
 
 # OpenRouter names efforts minimal/low/medium/high; Ollama's "max" has no upstream peer.
 _EFFORT = {"minimal": "minimal", "low": "low", "medium": "medium", "high": "high",
@@ -21,27 +20,11 @@ _FINISH = {"stop": "stop", "length": "length", "tool_calls": "tool_calls",
 
 
 # ---- canonical -> OpenAI ----------------------------------------------------------------
-def sniff_mime(b64: str) -> str:
-    try:
-        head = base64.b64decode(b64[:16] + "=" * (-len(b64[:16]) % 4))
-    except (binascii.Error, ValueError):
-        return "image/png"
-    if head.startswith(b"\x89PNG"):
-        return "image/png"
-    if head.startswith(b"\xff\xd8\xff"):
-        return "image/jpeg"
-    if head.startswith(b"GIF8"):
-        return "image/gif"
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return "image/webp"
-    return "image/png"
-
-
 def image_url(img: str) -> str:
     img = str(img).strip()
     if img.startswith("data:"):          # clients should strip it; accept it anyway
         return img
-    return f"data:{sniff_mime(img)};base64,{img}"
+    return f"data:{sniff_mime(img, default='image/png')};base64,{img}"
 
 
 def _user_content(m: Message):

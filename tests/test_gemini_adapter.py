@@ -715,9 +715,10 @@ def test_non_stream_passthrough_keeps_message():
 
 
 def test_l2_normalise():
-    v = wire.l2_normalise([1.0, 1.0, 1.0, 1.0])
+    from providers.vectors import l2_normalise
+    v = l2_normalise([1.0, 1.0, 1.0, 1.0])
     assert math.isclose(sum(x * x for x in v), 1.0)
-    assert wire.l2_normalise([0.0, 0.0]) == [0.0, 0.0]
+    assert l2_normalise([0.0, 0.0]) == [0.0, 0.0]
 
 
 def test_requests_session_ignores_env_proxies():

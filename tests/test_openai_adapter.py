@@ -107,6 +107,8 @@ WEBP = base64.b64encode(b"RIFF\x10\0\0\0WEBPVP8 " + b"\0" * 20).decode()
                                        ("!!not base64!!", "image/png")])
 def test_sniff_mime(data, mime):
     assert sniff_mime(data) == mime
+    unknown = mime == "image/png" and not data.startswith(PNG[:8])
+    assert sniff_mime(data, default="image/jpeg") == ("image/jpeg" if unknown else mime)
 
 
 def test_messages_system_user_images():
