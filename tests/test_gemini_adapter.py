@@ -15,7 +15,7 @@ from gateway.canonical import ChatRequest, EmbedRequest, Message, Options, ToolC
 from gateway.errors import (BadRequest, Passthrough, RateLimited, UpstreamFailed)
 from providers import gemini_wire as wire
 from providers.gemini import GeminiProvider
-from providers.remote import UpstreamHTTPError, iter_sse_data
+from providers.remote import UpstreamHTTPError
 from providers.schema_sanitize import sanitize_schema
 
 BASE = "https://gemini.test/v1beta"
@@ -455,19 +455,6 @@ def test_client_disconnect_closes_upstream():
     assert next(gen).content == "a"
     gen.close()
     assert fake.closed
-
-
-def test_iter_sse_data_without_read1():
-    class Raw:                                   # like a mocked raw object lacking read1
-        def __init__(self, data):
-            self._b = io.BytesIO(data)
-
-        def read(self, n=-1, **kw):
-            return self._b.read(n)
-
-    class R:
-        raw = Raw(b'data: {"a":1}\r\n\r\n: comment\ndata: {"b":\ndata: 2}\n\ndata: {"c":3}')
-    assert list(iter_sse_data(R())) == ['{"a":1}', '{"b":\n2}', '{"c":3}']
 
 
 # ---- non-stream --------------------------------------------------------------------------------
