@@ -141,63 +141,6 @@ class ToolCallAccumulator:
         return out
 
 
-class ThinkSplitter:
-    """DeepSeek-R1 style `<think>…</think>` at the start of `content` becomes thinking.
-    Tags may be split across chunks, so a possible partial tag is held back. Only a tag
-    at the very start opens thinking: an answer that merely mentions <think> is left as is."""
-    OPEN, CLOSE = "<think>", "</think>"
-
-    def __init__(self):
-        self.state = "start"             # start | think | after | text
-        self.buf = ""
-
-    def feed(self, text: str):
-        """(content, thinking) to emit now."""
-        self.buf += text
-        content, thinking = "", ""
-        while self.buf:
-            if self.state == "start":
-                s = self.buf.lstrip()
-                if s.startswith(self.OPEN):
-                    self.buf, self.state = s[len(self.OPEN):], "think"
-                    continue
-                if self.OPEN.startswith(s):          # maybe a tag still arriving
-                    break
-                self.state = "text"
-            elif self.state == "think":
-                end = self.buf.find(self.CLOSE)
-                if end >= 0:
-                    thinking += self.buf[:end]
-                    self.buf, self.state = self.buf[end + len(self.CLOSE):], "after"
-                    continue
-                keep = _partial_suffix(self.buf, self.CLOSE)
-                thinking += self.buf[:len(self.buf) - keep]
-                self.buf = self.buf[len(self.buf) - keep:]
-                break
-            elif self.state == "after":
-                # The blank lines R1 puts between </think> and the answer are not content.
-                self.buf = self.buf.lstrip()
-                if self.buf:
-                    self.state = "text"
-            else:
-                content += self.buf
-                self.buf = ""
-        return content, thinking
-
-    def flush(self):
-        rest, self.buf = self.buf, ""
-        if self.state == "think":
-            return "", rest
-        return ("" if self.state == "after" else rest), ""
-
-
-def _partial_suffix(text: str, tag: str) -> int:
-    for k in range(min(len(tag) - 1, len(text)), 0, -1):
-        if text.endswith(tag[:k]):
-            return k
-    return 0
-
-
 def usage_into(chunk: Chunk, usage) -> None:
     if isinstance(usage, dict):
         if usage.get("prompt_tokens") is not None:

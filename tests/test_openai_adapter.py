@@ -13,7 +13,8 @@ from responses import matchers
 from gateway.canonical import ChatRequest, EmbedRequest, Message, Options, ToolCall
 from gateway.errors import (Passthrough, RateLimited, UpstreamFailed, UpstreamTimeout)
 from providers.openai_compat import OpenAIProvider
-from providers.openai_wire import ThinkSplitter, sniff_mime, to_body
+from providers.openai_wire import sniff_mime, to_body
+from providers.think import ThinkSplitter
 from providers.remote import UpstreamHTTPError
 
 BASE = "https://upstream.test/api/v1"
