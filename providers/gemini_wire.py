@@ -319,9 +319,9 @@ def error_details(body) -> tuple:
     err = body.get("error") if isinstance(body, dict) else None
     if not isinstance(err, dict):
         return "", "", []
-    details = err.get("details") if isinstance(err.get("details"), list) else []
+    details = err.get("details")
     return str(err.get("status") or ""), str(err.get("message") or ""), \
-        [d for d in details if isinstance(d, dict)]
+        [d for d in details if isinstance(d, dict)] if isinstance(details, list) else []
 
 
 def parse_duration(value) -> Optional[float]:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Optional
 
-from gateway.canonical import Chunk
+from gateway.canonical import Chunk, ToolCall
 from gateway.errors import GatewayError, scrub
 from gateway.reqctx import more_ready
 
@@ -26,13 +27,13 @@ class Tally:
 
     def __init__(self, t0: float):
         self.t0 = t0
-        self.t_first = None
-        self.t_end = None
-        self.content = []
-        self.thinking = []
-        self.tool_calls = []
-        self.final = None
-        self.error = None
+        self.t_first: Optional[float] = None
+        self.t_end: Optional[float] = None
+        self.content: list[str] = []
+        self.thinking: list[str] = []
+        self.tool_calls: list[ToolCall] = []
+        self.final: Optional[Chunk] = None
+        self.error: Optional[GatewayError] = None
         self.chunks = 0
 
     def add(self, ch: Chunk) -> None:
