@@ -41,6 +41,7 @@ def start_chat(st, req, tally, record, heartbeat=False):
     interval = st.settings.heartbeat
     if st.settings.log_prompts:          # opt-in only: prompts are people's data
         record["prompt"] = prompt_text(req)
+
     def start():
         chunks = st.router.chat(req)
         # Recorded as soon as the answer starts: on a heartbeat this runs in the
