@@ -106,7 +106,7 @@ class Chunk:
     load_duration: Optional[int] = None
     prompt_eval_duration: Optional[int] = None
     eval_duration: Optional[int] = None
-    context: Optional[list[int]] = None  # /api/generate token context (local only)
+    context: Optional[list] = None       # /api/generate token context (local only)
 
 
 @dataclass

@@ -25,7 +25,7 @@ import threading
 import time
 from typing import Optional
 
-from gateway.concurrency import run_blocking
+from gateway.concurrency import run_blocking as _blocking
 from gateway.errors import BadRequest, NotFound, scrub
 
 log = logging.getLogger("gateway.usage")
@@ -152,7 +152,7 @@ class UsageLog:
                     break
                 batch.append(nxt)
             try:
-                run_blocking(self._write, batch)
+                _blocking(self._write, batch)
             except Exception as e:
                 self._failed(e, len(batch))
             finally:
@@ -244,7 +244,7 @@ class UsageLog:
     # ---- reading ------------------------------------------------------------------------
     def summary(self, since: Optional[float] = None, group_by: Optional[str] = None) -> dict:
         self.flush(1.0)   # what just finished should be in the answer
-        return run_blocking(self._summary, since, group_by)
+        return _blocking(self._summary, since, group_by)
 
     def _summary(self, since, group_by):
         col = GROUPS[group_by] if group_by else None

@@ -35,7 +35,6 @@ from providers.local import prompt as P
 from providers.local.native import run_blocking
 from providers.local.scheduler import BUSY_MESSAGE, FOREVER, Scheduler
 from providers.local.sources import LocalModel, default_cache_dir, stop_strings
-from providers.vectors import l2_normalise
 
 log = logging.getLogger("gateway.local")
 
@@ -337,7 +336,7 @@ class LocalProvider(LocalConfig):
         finally:
             lease.release()
         if req.dimensions and req.dimensions > 0:
-            vecs = [l2_normalise(v[:req.dimensions]) for v in vecs]
+            vecs = [_renorm(v[:req.dimensions]) for v in vecs]
         return EmbedResult(embeddings=vecs, prompt_tokens=n, load_duration=lease.load_ns)
 
     # ---- load / unload / ps -------------------------------------------------------------
@@ -434,3 +433,8 @@ def _sampling(req: ChatRequest) -> dict:
     sp["top_k"] = int(sp["top_k"])
     sp["mirostat"] = int(sp["mirostat"] or 0)
     return sp
+
+
+def _renorm(v: list) -> list:
+    n = sum(x * x for x in v) ** 0.5
+    return [x / n for x in v] if n > 0 else v
