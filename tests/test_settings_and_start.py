@@ -69,6 +69,8 @@ def test_listen_precedence():
     b = A()
     b.bind = "127.0.0.3:6"
     assert listen_address(b, s, env={"GATEWAY_BIND": "0.0.0.0:5"}) == ("127.0.0.3", 6)
+    with pytest.raises(SystemExit, match="HOST:PORT only.*run gunicorn"):
+        listen_address(A, s, env={"GATEWAY_BIND": "unix:/run/gw.sock"})
 
 
 def test_gunicorn_and_the_host_guard_share_the_listen_precedence(monkeypatch):
