@@ -200,7 +200,7 @@ def admit_request(st, record: dict) -> None:
     """Before routing a generation or embedding: the client's model access (403), then
     its limits (429). The ticket rides in the record to the observers (on_finished)."""
     from gateway import clients
-    clients.check_model(record.get("model"))
+    clients.check_model(record.get("model") or "")
     ticket = st.limits.admit(clients.current())
     if ticket is not None:
         record["limit_ticket"] = ticket

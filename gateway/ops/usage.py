@@ -25,6 +25,7 @@ import threading
 import time
 from typing import Optional
 
+from gateway.concurrency import run_blocking as _blocking
 from gateway.errors import BadRequest, NotFound, scrub
 
 log = logging.getLogger("gateway.usage")
@@ -63,22 +64,6 @@ CREATE INDEX IF NOT EXISTS usage_ts ON usage (ts);
 COLUMNS = ("ts", "client_key", "route", "provider", "model", "key_index", "status", "stream",
            "prompt_tokens", "completion_tokens", "latency_ms", "ttft_ms")
 _INSERT = f"INSERT INTO usage ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
-
-
-def _gevent_patched() -> bool:
-    try:
-        from gevent import monkey
-        return monkey.is_module_patched("threading")
-    except ImportError:
-        return False
-
-
-def _blocking(fn, *args):
-    """Run blocking SQLite work off the event loop when gevent runs it."""
-    if _gevent_patched():
-        import gevent
-        return gevent.get_hub().threadpool.apply(fn, args)
-    return fn(*args)
 
 
 def db_path(settings) -> Optional[str]:
@@ -359,7 +344,7 @@ def install(app, state) -> None:
 
     path = db_path(state.settings)
     metrics = app.extensions.get("gateway_metrics")
-    usage = None
+    usage: Optional[UsageLog] = None
     if path:
         on_error = metrics.usage_write_errors.inc if metrics else None
         on_drop = metrics.usage_dropped.inc if metrics else None
@@ -370,12 +355,13 @@ def install(app, state) -> None:
         else:
             usage = UsageLog(path, on_error=on_error, on_drop=on_drop)
         app.extensions["gateway_usage"] = usage
+        sink = usage
 
         def log_usage(record: dict) -> None:
             if record.get("model") is None:   # refused before a model was named: no usage
                 return
             rec = dict(record, provider=provider_of(record, state))
-            usage.record(rec, current_client_key())
+            sink.record(rec, current_client_key())
 
         state.observers.append(log_usage)
         _close_with(state, usage)
