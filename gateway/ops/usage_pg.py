@@ -178,9 +178,11 @@ class PgUsageLog(UsageLog):
         self._retry_at = 0.0
         self._down = True            # not known to answer (yet): probe before using the pool
         self._schema_ready = False
+        # check: a connection that outlived a database restart is replaced before use, not
+        # found broken by a batch (one cheap round trip per batch).
         self.pool = ConnectionPool(url, min_size=0, max_size=4, open=False, timeout=CONNECT_TIMEOUT,
                                    kwargs={"connect_timeout": CONNECT_TIMEOUT}, name="gateway-usage",
-                                   reconnect_timeout=0)
+                                   reconnect_timeout=0, check=ConnectionPool.check_connection)
         self._pool_opened = False
         self._pool_lock = threading.Lock()
         self._ensure_writer()     # at once: a spool left by a dead process is written soon
