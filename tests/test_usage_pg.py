@@ -3,6 +3,7 @@ database that is unreachable or goes away mid-run: no request fails, rows wait i
 on-disk spool and are all written once it is back."""
 from __future__ import annotations
 
+import json
 import time
 import urllib.parse
 
@@ -195,3 +196,19 @@ def test_the_spool_is_bounded_and_counts_what_it_drops(tmp_path):
         assert sum(1 for _ in open(usage.spool.path)) == 3
     finally:
         usage.close()
+
+
+def test_rows_postgresql_would_refuse_are_cleaned_not_stuck(make_app, fake_upstream, postgres_service):
+    """A model name with NUL or a lone surrogate (SQLite keeps both) still makes a row."""
+    direct = _with_table(postgres_service[0].split("?")[0], f"gwtest_{RUN}_text")
+    app = make_app(_cfg(fake_upstream, direct))
+    c = app.test_client()
+    for model in ("oai:a\x00b", "oai:\ud800x", "oai:echo"):
+        r = c.post("/api/chat", data=json.dumps({"model": model, "stream": False, **CHAT}),
+                   headers=_auth(ALICE))
+        assert r.status_code in (200, 400, 404)
+    assert app.extensions["gateway_usage"].flush(10)
+    with psycopg.connect(direct) as conn:
+        models = [m for (m,) in conn.execute("SELECT model FROM usage ORDER BY id")]
+    assert models[-1] == "oai:echo" and app.extensions["gateway_usage"].spool_rows() == 0
+    assert all("\x00" not in m for m in models)

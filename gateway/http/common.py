@@ -97,6 +97,10 @@ def get_model(body: dict, legacy_name: bool = False) -> str:
 def check_model_name(name: str, field: str = "model") -> str:
     if len(name.encode("utf-8", "surrogatepass")) > MAX_MODEL_NAME:
         raise BadRequest(f'invalid value for field "{field}": longer than {MAX_MODEL_NAME} bytes')
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:   # a JSON "\ud800" escape: no upstream or database takes it
+        raise BadRequest(f'invalid value for field "{field}": not valid Unicode (a lone surrogate)') from None
     if contains_secret(name):
         # The same 404 as any unknown name, before anything records the name.
         raise model_not_found(name)

@@ -220,6 +220,11 @@ class PgUsageLog(UsageLog):
                 self.spool.release()
                 return
 
+    def row(self, record: dict, client_key=None, now=None) -> tuple:
+        # PostgreSQL text takes neither NUL nor lone surrogates (a client's model name may
+        # hold either): a row it would refuse must never reach the spool.
+        return tuple(_pg_text(v) if isinstance(v, str) else v for v in super().row(record, client_key, now))
+
     def _write_batch(self, batch) -> None:
         try:
             if self.spool.rows or time.monotonic() < self._retry_at:
@@ -227,7 +232,7 @@ class PgUsageLog(UsageLog):
                     self._to_spool(batch)
                     return
             if batch:
-                self._insert(batch)
+                self._insert_or_sift(batch)
         except Exception as e:
             self._retry_at = time.monotonic() + RETRY
             self._down = True
@@ -257,7 +262,7 @@ class PgUsageLog(UsageLog):
         rows = self.spool.read()
         try:
             if rows:
-                self._insert(rows)     # one COPY, one transaction: all or nothing
+                self._insert_or_sift(rows)     # one COPY, one transaction: all or nothing
         except Exception as e:
             self._retry_at = time.monotonic() + RETRY
             self._down = True
@@ -267,6 +272,25 @@ class PgUsageLog(UsageLog):
         if rows:
             log.warning("usage log %s: database is back; wrote %d spooled row(s)", self.path, len(rows))
         return True
+
+    def _insert_or_sift(self, rows) -> None:
+        """Insert rows; when the database refuses them as data, each is tried alone and the
+        bad ones are dropped and counted as write errors, so one row can never hold up the
+        others (or the spool). A connection failure still raises (the caller spools)."""
+        import psycopg
+        try:
+            self._insert(rows)
+            return
+        except psycopg.DataError as e:
+            first = e
+        bad = 0
+        for r in rows:
+            try:
+                self._insert([r])
+            except psycopg.DataError:
+                bad += 1
+        if bad:
+            self._failed(first, bad)
 
     def _probe(self) -> None:
         """While the database is known to be down, one direct connection tells at once
@@ -325,3 +349,7 @@ def _ensure_schema(conn) -> None:
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(727274)")
         conn.execute(SCHEMA)
+
+
+def _pg_text(v: str) -> str:
+    return v.replace("\x00", "\ufffd").encode("utf-8", "replace").decode("utf-8")
