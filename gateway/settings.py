@@ -228,6 +228,9 @@ def build_settings(raw, file: str = "<dict>", env=None) -> Settings:
             for key in ("max_loaded_models", "max_queue"):
                 if key in p:
                     p[key] = int(_num(p, key, file, path, 0, 0, int))
+            for where, d in [(path, p)] + [(f"{path}.models.{k}", m) for k, m in models.items()]:
+                if d.get("num_parallel") is not None:
+                    d["num_parallel"] = int(_num(d, "num_parallel", file, where, 1, 1, int))
             if "keep_alive" in p:
                 from gateway.durations import parse_keep_alive
                 try:

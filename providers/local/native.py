@@ -168,6 +168,56 @@ def _piped(pool, step, limit, last):
         watcher.close()
 
 
+def real_lock():
+    """A lock that both a native thread and the hub may take (briefly): the OS kind even
+    when gevent has patched threading."""
+    if gevent_active():
+        from gevent.monkey import get_original
+        return get_original("_thread", "allocate_lock")()
+    return threading.Lock()
+
+
+class Channel:
+    """Items from a native thread to one consumer (a greenlet or a thread). put() never
+    blocks the producer; get() waits cooperatively under gevent (an async watcher wakes
+    the hub) and on a real Event otherwise."""
+
+    def __init__(self):
+        import collections
+        self.items = collections.deque()     # append/popleft are atomic across threads
+        self._watcher = None
+        if gevent_active():
+            import gevent
+            from gevent.event import Event
+            self._event = Event()
+            self._watcher = gevent.get_hub().loop.async_()
+            # started for the whole stream: a send() before start() would be lost
+            self._watcher.start(self._event.set)
+            self._wake = self._watcher.send
+        else:
+            self._event = threading.Event()
+            self._wake = self._event.set
+
+    def put(self, item):
+        self.items.append(item)
+        self._wake()
+
+    def get(self):
+        items = self.items
+        while not items:
+            self._event.clear()
+            if items:
+                break
+            self._event.wait()
+        return items.popleft()
+
+    def close(self):
+        w, self._watcher = self._watcher, None
+        if w is not None:
+            w.stop()
+            w.close()
+
+
 class Executor:
     """Serialises every native call for one model."""
 
@@ -212,6 +262,23 @@ class Executor:
                     return
             return
         yield from _piped(self._pool, step, limit, last)
+
+    def background(self, fn):
+        """Run fn() on the model's native thread (under gevent: behind any call already
+        queued there; otherwise a thread of its own that takes step_lock() around each
+        native step)."""
+        if self.gevent:
+            self._pool.spawn(fn)
+        else:
+            threading.Thread(target=fn, name="local-decode", daemon=True).start()
+
+    def step_lock(self):
+        """What a background loop holds around one native step so that call()s (a close)
+        never overlap it. Under gevent the one-thread pool already serialises them."""
+        if self.gevent:
+            import contextlib
+            return contextlib.nullcontext()
+        return self._lock
 
     def close(self):
         if self.gevent:

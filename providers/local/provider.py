@@ -29,10 +29,10 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from gateway.canonical import ChatRequest, Chunk, EmbedRequest, EmbedResult, LoadedModel, ModelCard
-from gateway.errors import BadRequest, ServiceBusy, model_not_found
+from gateway.errors import BadRequest, GatewayError, ServiceBusy, model_not_found
 from providers.base import Provider
 from providers.local import prompt as P
-from providers.local.native import run_blocking
+from providers.local.native import Channel, run_blocking
 from providers.local.scheduler import BUSY_MESSAGE, FOREVER, Scheduler
 from providers.local.sources import LocalModel, default_cache_dir, stop_strings
 
@@ -53,7 +53,7 @@ class LocalProvider(Provider):
         cache = cfg.get("cache_dir")
         self.cache_dir = Path(os.path.expanduser(str(cache))) if cache else default_cache_dir()
         self._gpu: Optional[bool] = None
-        self._defaults = {k: cfg.get(k) for k in ("n_ctx", "n_threads", "n_gpu_layers")}
+        self._defaults = {k: cfg.get(k) for k in ("n_ctx", "n_threads", "n_gpu_layers", "num_parallel")}
         self._models: dict = {}
         for mname, mcfg in (cfg.get("models") or {}).items():
             self._models[str(mname)] = self._new_model(str(mname), dict(mcfg or {}))
@@ -180,8 +180,9 @@ class LocalProvider(Provider):
 
     def _answer(self, m: LocalModel, req: ChatRequest, caps: list, grammar):
         from providers.local import engine as E
+        from providers.local.decoder import END, Failed, Job
         lease = self.sched.acquire(m, req.keep_alive, req.options.num_ctx)
-        gen = steps = None
+        job, ended = None, False
         try:
             eng = lease.handle
             E.drain_log(log)
@@ -201,7 +202,7 @@ class LocalProvider(Provider):
             add_bos = None
             text = None
             if req.kind == "generate" and req.suffix:
-                tokens = lease.call(_fim_tokens, eng, req.prompt or "", req.suffix)
+                tokens = run_blocking(_fim_tokens, eng, req.prompt or "", req.suffix)
             elif req.kind == "generate" and req.raw:
                 text = req.prompt or ""
             elif req.kind == "generate" and not template:
@@ -220,10 +221,10 @@ class LocalProvider(Provider):
                     text = P.transcript(msgs)
                     stops += [s for s in stop_strings(m, info, "") if s not in stops]
             t_start = time.perf_counter()
-            tokens, stop_ids = lease.call(eng.prepare, text, tokens, add_bos, stops)
+            tokens, stop_ids = run_blocking(eng.prepare, text, tokens, add_bos, stops)
             if not tokens:
                 raise BadRequest("the prompt is empty")
-            tokens = self._fit(lease, eng, m, req, tokens, template, info, render_args)
+            tokens = self._fit(eng, m, req, tokens, template, info, render_args)
             n_ctx = eng.n_ctx
             room = n_ctx - len(tokens)
             npred = req.options.num_predict
@@ -233,17 +234,25 @@ class LocalProvider(Provider):
             parser = P.OutputParser(stops, tools=tools_ok and bool(req.tools), thinking=thinking,
                                     start_thinking=start_thinking, lstrip=plain)
             decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-            gen = lease.call(eng.start, tokens, sp, grammar)
+            out = Channel()
+            job = Job(tokens, max_tokens, stop_ids, sp, grammar, out)
+            try:
+                eng.decoder.submit(job, lease.executor)
+            except Exception:
+                job = None
+                out.close()
+                raise
             n_out, out_tokens, t_first, reason = 0, [], None, "length"
-            steps = lease.stream(lambda: eng.step(gen), max_tokens,
-                                 lambda st: st is None or st[2] or st[0] in stop_ids)
-            for st in steps:
+            while True:
+                item = out.get()
                 if t_first is None:
                     t_first = time.perf_counter()
-                if st is None:
-                    reason = "stop"
+                if item is END:
+                    ended = True
                     break
-                tok, piece, eog = st
+                if isinstance(item, Failed):
+                    raise GatewayError(f"local generation failed: {item.exc}", status=500)
+                tok, piece, eog = item
                 if eog or tok in stop_ids:
                     reason = "stop"
                     break
@@ -254,7 +263,6 @@ class LocalProvider(Provider):
                 if parser.stopped:
                     reason = "stop"
                     break
-            steps.close()        # stops the model's thread at its next step
             t_end = time.perf_counter()
             if t_first is None:
                 t_first = t_end
@@ -267,21 +275,16 @@ class LocalProvider(Provider):
             if calls:
                 yield Chunk(tool_calls=calls)
             E.drain_log(log)
-            yield Chunk(done=True, done_reason=reason, prompt_tokens=len(tokens),
+            yield Chunk(done=True, done_reason=reason, prompt_tokens=len(tokens) - job.n_cached,
                         completion_tokens=n_out, load_duration=lease.load_ns,
                         prompt_eval_duration=int((t_first - t_start) * 1e9),
                         eval_duration=int((t_end - t_first) * 1e9),
                         context=(tokens + out_tokens) if req.kind == "generate" else None)
         finally:
-            # a disconnect lands here (GeneratorExit at a yield): stop at this token,
-            # then free the model for the next request
-            if steps is not None:
-                steps.close()
-            if gen is not None:
-                try:
-                    lease.call(gen.close)
-                except Exception:
-                    log.debug("closing a generation failed", exc_info=True)
+            # a disconnect lands here (GeneratorExit at a yield): the loop drops the
+            # sequence at its next step; the slot is given back once it has
+            if job is not None:
+                _settle(job, ended, END)
             lease.release()
 
     def _render(self, m, info, template, msgs, tools, think):
@@ -296,7 +299,7 @@ class LocalProvider(Provider):
         add_bos = False if bos and text.startswith(bos) else None
         return text, add_bos
 
-    def _fit(self, lease, eng, m, req, tokens, template, info, render_args):
+    def _fit(self, eng, m, req, tokens, template, info, render_args):
         """A prompt that leaves no room to answer is cut like Ollama does: oldest
         non-system messages first, then the front of what is left."""
         n_ctx = eng.n_ctx
@@ -314,7 +317,7 @@ class LocalProvider(Provider):
                     text, ab = self._render(m, info, template, msgs, *render_args)
                 else:
                     text, ab = P.transcript(msgs), None
-                tokens, _ = lease.call(eng.prepare, text, None, ab, [])
+                tokens, _ = run_blocking(eng.prepare, text, None, ab, [])
         if len(tokens) > limit:
             keep_bos = tokens[:1] if tokens and tokens[0] == eng.bos_id else []
             tokens = keep_bos + tokens[len(tokens) - (limit - len(keep_bos)):]
@@ -434,6 +437,23 @@ def _sampling(req: ChatRequest) -> dict:
     sp["top_k"] = int(sp["top_k"])
     sp["mirostat"] = int(sp["mirostat"] or 0)
     return sp
+
+
+def _settle(job, ended: bool, END) -> None:
+    """Wait until the loop has let go of the job (it drops a cancelled one at its next
+    step and then puts END), then close its channel: a slot is only given back, and
+    the channel's watcher only closed, once the loop no longer touches them."""
+    if not ended:
+        job.cancelled = True
+        while True:
+            try:
+                if job.out.get() is END:
+                    break
+            except BaseException:   # killed again while waiting
+                while END not in job.out.items:   # the loop ends it within a step
+                    time.sleep(0.005)
+                break
+    job.out.close()
 
 
 def _renorm(v: list) -> list:

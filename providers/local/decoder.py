@@ -1,0 +1,358 @@
+"""Slots: several conversations generated at once in one llama.cpp context.
+
+A loaded chat model holds `n_parallel` sequences (slots) in one context, each with its
+own part of the KV cache (`n_ctx` per slot, kv_unified off: a token then attends only to
+its own slot's cells, and one slot filling up never starves another). One decode loop per
+model runs on the model's native thread while any request is active. Each step:
+  * admits new requests: each takes the free slot whose cached tokens share the longest
+    prefix with its prompt, keeps that prefix in the KV cache and evaluates only the rest;
+  * builds one llama_batch with the next token of the generating sequences plus at most
+    `n_batch` prompt tokens of the admitted ones (chunked prefill: a long prompt delays
+    the others by one chunk, not by its whole length);
+  * one llama_decode, then each sequence samples with its own sampler chain and its token
+    goes to its request through a Channel (the hub never waits on the loop).
+A request that went away is dropped at the next step; its slot keeps its cached tokens
+for the next request that shares them.
+
+Batching policy: on a small CPU one batch of 2-3 single tokens costs more than 2-3
+single-token decodes (ggml's batched kernels only pay off with more rows), so below
+`batch_min` generating sequences the loop interleaves single-sequence steps round-robin,
+and at or above it decodes them all in one batch (see README "Local models").
+
+Everything here runs on the model's native thread except submit(); a request cancels
+its job by setting job.cancelled, read by the loop at its next step.
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+from typing import Optional
+
+import llama_cpp
+
+from providers.local.native import real_lock
+
+log = logging.getLogger("gateway.local.decoder")
+
+END = object()
+
+
+class Failed:
+    __slots__ = ("exc",)
+
+    def __init__(self, exc):
+        self.exc = exc
+
+
+class Job:
+    """One request's generation. Built on the request side; the loop owns the rest."""
+
+    def __init__(self, tokens: list, max_tokens: int, stop_ids: set, sp: dict, grammar, out):
+        self.tokens = list(tokens)
+        self.max_tokens = max(0, int(max_tokens))
+        self.stop_ids = stop_ids
+        self.sp = sp
+        self.grammar = grammar
+        self.out = out                   # native.Channel: (token, piece, eog) items, then END
+        self.cancelled = False
+        self.finished = False            # END was put (set by the loop)
+        self.n_cached = 0                # prompt tokens found in the slot's KV cache
+        self.slot: Optional[Slot] = None
+        self.todo: list = []
+        self.n_past = 0
+        self.n_out = 0
+        self.last = -1
+        self.sampler = None
+        self.idx = -1                    # its row with logits in the current batch
+
+
+class Slot:
+    __slots__ = ("id", "cached", "job", "used")
+
+    def __init__(self, sid: int):
+        self.id = sid
+        self.cached: list = []           # tokens whose KV is in sequence `id`
+        self.job: Optional[Job] = None
+        self.used = 0
+
+
+def _common_prefix(a: list, b: list) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def batch_min_default(n_threads: int, gpu: bool) -> int:
+    env = os.environ.get("GATEWAY_LOCAL_BATCH_MIN")
+    if env and env.strip().isdigit():
+        return max(1, int(env))
+    return 1 if gpu else 4
+
+
+class Decoder:
+    def __init__(self, ctx, model, vocab, *, n_parallel: int, n_ctx: int, n_batch: int,
+                 n_vocab: int, batch_min: int = 1):
+        self.ctx = ctx                   # llama_context_p
+        self.model = model
+        self.vocab = vocab
+        self.mem = llama_cpp.llama_get_memory(ctx)
+        self.n_parallel = n_parallel
+        self.n_ctx = n_ctx               # per slot
+        self.n_batch = n_batch
+        self.n_vocab = n_vocab
+        self.batch_min = max(1, batch_min)
+        self.n_swa = int(llama_cpp.llama_model_n_swa(model))
+        self.slots = [Slot(i) for i in range(n_parallel)]
+        self._batch = llama_cpp.llama_batch_init(max(n_batch, n_parallel), 0, 1)
+        self._lock = real_lock()         # guards _pending, _running, _closed
+        self._pending: list = []
+        self._running = False
+        self._closed = False
+        self._active: list = []          # admitted jobs, in admission order
+        self._rr = 0                     # round-robin cursor for interleaved steps
+        self._tick = 0
+        self._pieces: dict = {}
+        self._buf = ctypes.create_string_buffer(256)
+
+    # ---- request side --------------------------------------------------------------
+    def submit(self, job: Job, executor) -> None:
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the model was unloaded")
+            if len(self._pending) + len(self._active) >= self.n_parallel:
+                raise RuntimeError("no free slot")       # the scheduler's lease prevents it
+            self._pending.append(job)
+            start = not self._running
+            self._running = True
+        if start:
+            executor.background(lambda: self._run(executor))
+
+    # ---- the loop (native thread) ------------------------------------------------
+    def _run(self, executor):
+        try:
+            while True:
+                with executor.step_lock():
+                    with self._lock:
+                        if self._closed:
+                            self._running = False
+                            new = self._pending
+                            self._pending = []
+                            closing = True
+                        elif not self._pending and not self._active:
+                            self._running = False
+                            return
+                        else:
+                            new, self._pending = self._pending, []
+                            closing = False
+                    if closing:
+                        err = RuntimeError("the model was unloaded")
+                        for j in new + self._active:
+                            self._finish(j, Failed(err))
+                        return
+                    for j in new:
+                        self._admit(j)
+                    self._step()
+        except BaseException as e:  # noqa: B902 - handed to every request
+            log.exception("decode loop failed")
+            with self._lock:
+                new, self._pending = self._pending, []
+                self._running = False
+            for j in new + list(self._active):
+                self._finish(j, Failed(e))
+
+    def _finish(self, job: Job, last=None):
+        if job in self._active:
+            self._active.remove(job)
+        if job.slot is not None and job.slot.job is job:
+            job.slot.job = None
+        if job.sampler is not None:
+            llama_cpp.llama_sampler_free(job.sampler)
+            job.sampler = None
+        if not job.finished:
+            job.finished = True
+            if last is not None:
+                job.out.put(last)
+            job.out.put(END)
+
+    def _admit(self, job: Job):
+        if job.cancelled:
+            self._finish(job)
+            return
+        try:
+            job.sampler = self._sampler(job.sp, job.grammar)
+        except Exception as e:
+            self._finish(job, Failed(e))
+            return
+        tokens = job.tokens
+        free = [s for s in self.slots if s.job is None]
+        # the longest cached prefix; among equals the least recently used slot, so that
+        # the caches of recent conversations survive longest
+        slot = max(free, key=lambda s: (_common_prefix(s.cached, tokens), -s.used))
+        n = _common_prefix(slot.cached, tokens)
+        if n >= len(tokens):
+            n = len(tokens) - 1          # the last prompt token is decoded again for its logits
+        if n < len(slot.cached):
+            if not llama_cpp.llama_memory_seq_rm(self.mem, slot.id, n, -1):
+                n = 0
+        if n > 0 and self.n_swa > 0:
+            # a sliding-window cache dropped positions a new token would attend to
+            pos_min = llama_cpp.llama_memory_seq_pos_min(self.mem, slot.id)
+            if pos_min > max(0, n - self.n_swa):
+                n = 0
+        if n == 0:
+            llama_cpp.llama_memory_seq_rm(self.mem, slot.id, -1, -1)
+        del slot.cached[n:]
+        self._tick += 1
+        slot.used = self._tick
+        slot.job = job
+        job.slot = slot
+        job.n_cached = job.n_past = n
+        job.todo = tokens[n:]
+        if job.max_tokens <= 0:
+            self._finish(job)
+            return
+        self._active.append(job)
+
+    def _sampler(self, sp: dict, grammar):
+        L = llama_cpp
+        chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
+        add = lambda s: L.llama_sampler_chain_add(chain, s)  # noqa: E731
+        rln = sp.get("repeat_last_n")
+        last_n = self.n_ctx if rln is not None and rln < 0 else int(64 if rln is None else rln)
+        add(L.llama_sampler_init_penalties(self.n_vocab, last_n, float(sp["repeat_penalty"]),
+                                           float(sp["frequency_penalty"]),
+                                           float(sp["presence_penalty"])))
+        if grammar is not None:
+            g = L.llama_sampler_init_grammar(self.vocab, grammar._grammar.encode("utf-8"),
+                                             grammar._root.encode("utf-8"))
+            if not g:
+                L.llama_sampler_free(chain)
+                raise ValueError("invalid grammar for format")
+            add(g)
+        seed = sp.get("seed")
+        if seed is None or seed < 0:
+            seed = int.from_bytes(os.urandom(4), "little")
+        seed = int(seed) & 0xFFFFFFFF
+        temp = float(sp["temperature"])
+        if temp < 0:
+            add(L.llama_sampler_init_dist(seed))
+        elif temp == 0:
+            add(L.llama_sampler_init_greedy())
+        elif sp["mirostat"] == 1:
+            add(L.llama_sampler_init_mirostat(self.n_vocab, seed, float(sp["mirostat_tau"]),
+                                              float(sp["mirostat_eta"]), 100))
+        elif sp["mirostat"] == 2:
+            add(L.llama_sampler_init_mirostat_v2(seed, float(sp["mirostat_tau"]),
+                                                 float(sp["mirostat_eta"])))
+        else:
+            add(L.llama_sampler_init_top_k(int(sp["top_k"])))
+            add(L.llama_sampler_init_typical(float(sp["typical_p"]), 1))
+            add(L.llama_sampler_init_top_p(float(sp["top_p"]), 1))
+            add(L.llama_sampler_init_min_p(float(sp["min_p"]), 1))
+            add(L.llama_sampler_init_temp(temp))
+            add(L.llama_sampler_init_dist(seed))
+        return chain
+
+    def _pick(self):
+        """(sequences whose next token goes in this batch, prompts to feed)."""
+        for j in [j for j in self._active if j.cancelled]:
+            self._finish(j)
+        active = self._active
+        if not active:
+            return [], []
+        gen = [j for j in active if not j.todo]
+        fill = [j for j in active if j.todo]
+        if len(gen) >= self.batch_min:
+            return gen, fill
+        # interleave: one sequence per step, round-robin over all active ones
+        self._rr = (self._rr + 1) % len(active)
+        j = active[self._rr]
+        return ([], [j]) if j.todo else ([j], [])
+
+    def _step(self):
+        gen, fill = self._pick()
+        if not gen and not fill:
+            return
+        b = self._batch
+        n = 0
+        for j in gen:
+            b.token[n] = j.last
+            b.pos[n] = j.n_past
+            b.n_seq_id[n] = 1
+            b.seq_id[n][0] = j.slot.id
+            b.logits[n] = True
+            j.idx = n
+            n += 1
+        fed = []
+        budget = self.n_batch - n
+        for j in fill:
+            if budget <= 0:
+                break
+            take = min(budget, len(j.todo))
+            for k in range(take):
+                b.token[n] = j.todo[k]
+                b.pos[n] = j.n_past + k
+                b.n_seq_id[n] = 1
+                b.seq_id[n][0] = j.slot.id
+                b.logits[n] = False
+                n += 1
+            if take == len(j.todo):
+                b.logits[n - 1] = True
+                j.idx = n - 1
+            fed.append((j, take))
+            budget -= take
+        b.n_tokens = n
+        rc = llama_cpp.llama_decode(self.ctx, b)
+        if rc != 0:
+            err = RuntimeError(f"llama_decode failed ({rc})")
+            for j in gen + [j for j, _ in fed]:
+                j.idx = -1
+                self._finish(j, Failed(err))
+            return
+        for j in gen:
+            j.slot.cached.append(j.last)
+            j.n_past += 1
+        for j, take in fed:
+            j.slot.cached.extend(j.todo[:take])
+            j.n_past += take
+            j.todo = j.todo[take:]
+        for j in gen + [j for j, _ in fed]:
+            if j.idx < 0:
+                continue
+            idx, j.idx = j.idx, -1
+            tok = int(llama_cpp.llama_sampler_sample(j.sampler, self.ctx, idx))
+            eog = bool(llama_cpp.llama_vocab_is_eog(self.vocab, tok))
+            j.n_out += 1
+            j.out.put((tok, b"" if eog else self._piece(tok), eog))
+            if eog or tok in j.stop_ids or j.n_out >= j.max_tokens:
+                self._finish(j)
+            else:
+                j.last = tok
+
+    def _piece(self, tok: int) -> bytes:
+        p = self._pieces.get(tok)
+        if p is None:
+            n = llama_cpp.llama_token_to_piece(self.vocab, tok, self._buf, len(self._buf), 0, False)
+            if n < 0:
+                big = ctypes.create_string_buffer(-n)
+                n = llama_cpp.llama_token_to_piece(self.vocab, tok, big, -n, 0, False)
+                p = big.raw[:n]
+            else:
+                p = self._buf.raw[:n]
+            self._pieces[tok] = p
+        return p
+
+    # ---- unload (the model's thread, after the loop) --------------------------------
+    def close(self):
+        with self._lock:
+            self._closed = True
+            pending, self._pending = self._pending, []
+        err = RuntimeError("the model was unloaded")
+        for j in pending + list(self._active):
+            self._finish(j, Failed(err))
+        b, self._batch = self._batch, None
+        if b is not None:
+            llama_cpp.llama_batch_free(b)
