@@ -113,6 +113,7 @@ class Decoder:
         self._closed = False
         self._active: list = []          # admitted jobs, in admission order
         self._rr = 0                     # round-robin cursor for interleaved steps
+        self._fill_turn = False
         self._tick = 0
         self._pieces: dict = {}
         self._buf = ctypes.create_string_buffer(256)
@@ -188,9 +189,16 @@ class Decoder:
             return
         tokens = job.tokens
         free = [s for s in self.slots if s.job is None]
-        # the longest cached prefix; among equals the least recently used slot, so that
-        # the caches of recent conversations survive longest
-        slot = max(free, key=lambda s: (_common_prefix(s.cached, tokens), -s.used))
+        # The slot with the longest cached prefix, if that prefix is most of the slot's
+        # cache or of the prompt (a follow-up turn); a prompt that shares only a template
+        # header goes to the least recently used slot (empty ones first), so that the
+        # caches of other conversations survive.
+        best, best_n = None, 0
+        for s in free:
+            n = _common_prefix(s.cached, tokens)
+            if n > best_n and (2 * n >= len(s.cached) or 2 * n >= len(tokens)):
+                best, best_n = s, n
+        slot = best or min(free, key=lambda s: s.used)
         n = _common_prefix(slot.cached, tokens)
         if n >= len(tokens):
             n = len(tokens) - 1          # the last prompt token is decoded again for its logits
@@ -267,10 +275,14 @@ class Decoder:
         fill = [j for j in active if j.todo]
         if len(gen) >= self.batch_min:
             return gen, fill
-        # interleave: one sequence per step, round-robin over all active ones
-        self._rr = (self._rr + 1) % len(active)
-        j = active[self._rr]
-        return ([], [j]) if j.todo else ([j], [])
+        # interleave: every other step feeds the waiting prompts together (one batch of
+        # many tokens is what CPUs do well); the others decode one sequence's next
+        # token, round-robin
+        self._fill_turn = not self._fill_turn
+        if fill and (self._fill_turn or not gen):
+            return [], fill
+        self._rr = (self._rr + 1) % len(gen)
+        return [gen[self._rr]], []
 
     def _step(self):
         gen, fill = self._pick()

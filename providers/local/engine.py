@@ -132,7 +132,8 @@ class Engine:
 
     def __init__(self, path: str, *, n_ctx: int, n_gpu_layers: int, n_threads: int,
                  embedding: bool = False, pooling_in_file: bool = False,
-                 n_batch: int = 512, n_parallel: int = 1, batch_min: Optional[int] = None):
+                 n_batch: int = 512, n_parallel: int = 1, batch_min: Optional[int] = None,
+                 kv_unified: bool = False):
         mark = _log_mark()
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path} does not exist")
@@ -143,7 +144,7 @@ class Engine:
                 self._load_embedding(path, n_ctx, n_gpu_layers, n_threads, pooling_in_file)
             else:
                 self._load_chat(path, n_ctx, n_gpu_layers, n_threads, n_batch,
-                                max(1, int(n_parallel)), batch_min)
+                                max(1, int(n_parallel)), batch_min, kv_unified)
         except Exception as e:
             self.close()
             errs = _errors_since(mark)
@@ -174,7 +175,8 @@ class Engine:
         self.n_parallel = 1
         self.pooling = self.llama.pooling_type()
 
-    def _load_chat(self, path, n_ctx, n_gpu_layers, n_threads, n_batch, n_parallel, batch_min):
+    def _load_chat(self, path, n_ctx, n_gpu_layers, n_threads, n_batch, n_parallel, batch_min,
+                   kv_unified):
         from providers.local.decoder import Decoder, batch_min_default
         mp = llama_cpp.llama_model_default_params()
         mp.n_gpu_layers = n_gpu_layers
@@ -185,7 +187,7 @@ class Engine:
         cp.n_ctx = n_ctx * n_parallel
         cp.n_batch = cp.n_ubatch = n_batch
         cp.n_seq_max = n_parallel
-        cp.kv_unified = False
+        cp.kv_unified = kv_unified
         cp.n_threads = cp.n_threads_batch = n_threads
         cp.no_perf = True
         self._ctx = _internals.LlamaContext(model=self._model, params=cp, verbose=False)

@@ -305,6 +305,9 @@ class Scheduler:
                 "mode": self._mode,
                 "loaded": sorted(n for n, r in self._runners.items() if r.state == "ready"),
                 "busy": sorted(n for n, r in self._runners.items() if r.busy),
+                # [in use, total] per loaded model
+                "slots": {n: [r.active, r.slots] for n, r in self._runners.items()
+                          if r.state == "ready"},
                 "loading": sorted(n for n, r in self._runners.items() if r.state == "loading"),
                 "queue_depth": len(self._queue),
                 "max_queue": self.max_queue,
