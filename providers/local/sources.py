@@ -315,7 +315,8 @@ def plain_template(model: LocalModel, info) -> str:
     which is what clients grep): the transcript the provider builds."""
     if model.embedding:
         return "{{ .Prompt }}"
-    t = ("{{ if .System }}{{ .System }}\n\n{{ end }}"
+    from providers.local.prompt import FEW_SHOT
+    t = ("{{ if .System }}{{ .System }}\n\n{{ end }}" + FEW_SHOT +
          "{{ range .Messages }}{{ if eq .Role \"user\" }}User: {{ .Content }}\n"
          "{{ else if eq .Role \"assistant\" }}Assistant: {{ .Content }}\n{{ end }}{{ end }}Assistant:")
     if info.has_fim:
@@ -325,7 +326,8 @@ def plain_template(model: LocalModel, info) -> str:
 
 def stop_strings(model: LocalModel, info, template: str) -> list:
     if not template:
-        return ["\nUser:"]
+        from providers.local.prompt import TRANSCRIPT_STOPS
+        return list(TRANSCRIPT_STOPS)
     stops = []
     for s in (info.eot_text if info else None, info.eos_text if info else None):
         if s and s not in stops:
