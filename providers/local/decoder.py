@@ -1,9 +1,13 @@
 """Slots: several conversations generated at once in one llama.cpp context.
 
-A loaded chat model holds `n_parallel` sequences (slots) in one context, each with its
-own part of the KV cache (`n_ctx` per slot, kv_unified off: a token then attends only to
-its own slot's cells, and one slot filling up never starves another). One decode loop per
-model runs on the model's native thread while any request is active. Each step:
+A loaded chat model holds `n_parallel` sequences (slots) in one context with a unified
+KV cache of n_ctx x n_parallel cells (each request is held to n_ctx, so the slots always
+fit). Unified rather than a KV stream per slot: llama.cpp splits a batch over several
+streams into micro-batches with the same token count per sequence, so a prompt chunk
+beside other sequences' next tokens would go through one token per micro-batch; with one
+stream a new prompt joins the running batch at once (measured on the 2-core CPU, see
+README "Local models"). One decode loop per model runs on the model's native thread while
+any request is active. Each step:
   * admits new requests: each takes the free slot whose cached tokens share the longest
     prefix with its prompt, keeps that prefix in the KV cache and evaluates only the rest;
   * builds one llama_batch with the next token of the generating sequences plus at most
@@ -14,10 +18,11 @@ model runs on the model's native thread while any request is active. Each step:
 A request that went away is dropped at the next step; its slot keeps its cached tokens
 for the next request that shares them.
 
-Batching policy: on a small CPU one batch of 2-3 single tokens costs more than 2-3
-single-token decodes (ggml's batched kernels only pay off with more rows), so below
-`batch_min` generating sequences the loop interleaves single-sequence steps round-robin,
-and at or above it decodes them all in one batch (see README "Local models").
+Batching policy: on a small CPU a batch of 2-3 sequences' next tokens costs about as much
+as decoding them one by one (ggml's batched kernels pay off with more rows), so below
+`batch_min` generating sequences (4 on CPUs, 1 with GPU offload) the loop interleaves
+single-sequence steps round-robin, every other step feeding waiting prompts; from
+`batch_min` on it decodes them all in one batch.
 
 Everything here runs on the model's native thread except submit(); a request cancels
 its job by setting job.cancelled, read by the loop at its next step.
@@ -94,7 +99,7 @@ def batch_min_default(n_threads: int, gpu: bool) -> int:
 
 class Decoder:
     def __init__(self, ctx, model, vocab, *, n_parallel: int, n_ctx: int, n_batch: int,
-                 n_vocab: int, batch_min: int = 1):
+                 n_vocab: int, batch_min: int = 1, unified: bool = False):
         self.ctx = ctx                   # llama_context_p
         self.model = model
         self.vocab = vocab
@@ -104,6 +109,7 @@ class Decoder:
         self.n_batch = n_batch
         self.n_vocab = n_vocab
         self.batch_min = max(1, batch_min)
+        self.mix = unified               # prompts and next tokens in one batch
         self.n_swa = int(llama_cpp.llama_model_n_swa(model))
         self.slots = [Slot(i) for i in range(n_parallel)]
         self._batch = llama_cpp.llama_batch_init(max(n_batch, n_parallel), 0, 1)
@@ -273,14 +279,24 @@ class Decoder:
             return [], []
         gen = [j for j in active if not j.todo]
         fill = [j for j in active if j.todo]
-        if len(gen) >= self.batch_min:
-            return gen, fill
-        # interleave: every other step feeds the waiting prompts together (one batch of
-        # many tokens is what CPUs do well); the others decode one sequence's next
-        # token, round-robin
+        # every other step feeds waiting prompts (one batch of many tokens is what CPUs
+        # do well), the others decode the generating sequences' next tokens
         self._fill_turn = not self._fill_turn
-        if fill and (self._fill_turn or not gen):
-            return [], fill
+        fill_now = bool(fill) and (self._fill_turn or not gen)
+        if self.mix:
+            if len(gen) >= self.batch_min:
+                return gen, fill
+            if fill_now:
+                return [], fill
+        else:
+            # per-slot KV streams: llama.cpp splits a batch into micro-batches with the
+            # same token count per sequence, so a prompt chunk never shares a batch
+            # (it would go through one token per micro-batch)
+            if fill_now:
+                return [], fill[:1]
+            if len(gen) >= self.batch_min:
+                return gen, []
+        # interleave: one sequence's next token, round-robin
         self._rr = (self._rr + 1) % len(gen)
         return [gen[self._rr]], []
 

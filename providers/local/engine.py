@@ -133,7 +133,7 @@ class Engine:
     def __init__(self, path: str, *, n_ctx: int, n_gpu_layers: int, n_threads: int,
                  embedding: bool = False, pooling_in_file: bool = False,
                  n_batch: int = 512, n_parallel: int = 1, batch_min: Optional[int] = None,
-                 kv_unified: bool = False):
+                 kv_unified: bool = True):
         mark = _log_mark()
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path} does not exist")
@@ -200,7 +200,8 @@ class Engine:
             batch_min = batch_min_default(n_threads, n_gpu_layers != 0 and gpu_offload_supported())
         self.decoder = Decoder(self._ctx.ctx, self._model.model, self._model.vocab,
                                n_parallel=n_parallel, n_ctx=self.n_ctx, n_batch=n_batch,
-                               n_vocab=self._model.n_vocab(), batch_min=batch_min)
+                               n_vocab=self._model.n_vocab(), batch_min=batch_min,
+                               unified=kv_unified)
 
     def close(self):
         dec, self.decoder = getattr(self, "decoder", None), None
