@@ -207,9 +207,11 @@ class Engine:
         dec, self.decoder = getattr(self, "decoder", None), None
         if dec is not None:
             dec.close()
-        for name in ("llama", "_ctx", "_model"):
-            obj = getattr(self, name, None)
-            setattr(self, name, None)
+        # an embedding model's Llama owns its context and model; a chat model's context
+        # goes before its model
+        llama, ctx, model = (getattr(self, k, None) for k in ("llama", "_ctx", "_model"))
+        self.llama = self._ctx = self._model = None
+        for obj in ((llama,) if llama is not None else (ctx, model)):
             if obj is not None:
                 obj.close()
 

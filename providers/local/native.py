@@ -10,7 +10,9 @@ lock.
 Either way one model's calls are strictly serialised: a llama context is not thread-safe
 and two threads inside one abort the process (SIGABRT). With a one-thread pool this holds
 even when a greenlet is killed while its call is still running natively: the next call
-queues behind it.
+queues behind it. A chat model's decode loop (decoder.py) runs there as one long job
+(Executor.background) and hands each token to its request through a Channel: the loop
+computes the next token while the request's greenlet renders and sends this one.
 """
 from __future__ import annotations
 
@@ -104,70 +106,6 @@ def settled(res):
         raise
 
 
-_END = object()
-
-
-class _Failed:
-    __slots__ = ("exc",)
-
-    def __init__(self, exc):
-        self.exc = exc
-
-
-def _piped(pool, step, limit, last):
-    import collections
-
-    import gevent
-    from gevent.event import Event
-
-    hub = gevent.get_hub()
-    items = collections.deque()          # append/popleft are atomic across threads
-    arrived = Event()
-    stop = [False]
-    watcher = hub.loop.async_()
-    # started for the whole stream: a send() before start() would be lost
-    watcher.start(arrived.set)
-
-    def produce():
-        try:
-            for _ in range(limit):
-                if stop[0]:
-                    break
-                item = step()
-                items.append(item)
-                watcher.send()
-                if last(item):
-                    break
-        except BaseException as e:  # noqa: B902 - re-raised in the greenlet
-            items.append(_Failed(e))
-        finally:
-            items.append(_END)
-            watcher.send()
-
-    job = pool.spawn(produce)
-    try:
-        while True:
-            while not items:
-                arrived.clear()
-                if items:
-                    break
-                arrived.wait()
-            item = items.popleft()
-            if item is _END:
-                return
-            if isinstance(item, _Failed):
-                raise item.exc
-            yield item
-    finally:
-        stop[0] = True
-        try:
-            settled(job)     # the lease must not be released while a step still runs
-        except BaseException:
-            pass
-        watcher.stop()
-        watcher.close()
-
-
 def real_lock():
     """A lock that both a native thread and the hub may take (briefly): the OS kind even
     when gevent has patched threading."""
@@ -245,23 +183,6 @@ class Executor:
             with self._lock:
                 return fn(*args)
         return settled(self._pool.spawn(fn, *args))
-
-    def stream(self, step, limit: int, last):
-        """Yield step() up to `limit` times, stopping after an item for which last(item)
-        is true. Under gevent the model's thread runs the steps back to back and hands
-        each result over through a queue, so the next token is being computed while the
-        request greenlet renders and sends this one (one round trip per token put the
-        greenlet's work and a hub wake-up on every token's critical path). Closing the
-        iterator stops the thread at its next step and waits for it."""
-        if not self.gevent:
-            for _ in range(limit):
-                with self._lock:
-                    item = step()
-                yield item
-                if last(item):
-                    return
-            return
-        yield from _piped(self._pool, step, limit, last)
 
     def background(self, fn):
         """Run fn() on the model's native thread (under gevent: behind any call already
