@@ -1,6 +1,7 @@
 """Flask app factory and the development server.
 
     python app.py [--config FILE] [--host H] [--port P] [--bind H:P]
+    python app.py --check-config [--config FILE]    # validate only: exit 0 or 1
 """
 from __future__ import annotations
 
@@ -42,6 +43,7 @@ def create_app(settings=None):
 
     @app.before_request
     def _guard():
+        guard.check_origin()
         pre = guard.preflight()
         if pre is not None:
             return pre
@@ -89,15 +91,15 @@ def configure_logging(level: str = "INFO") -> None:
 
 
 def listen_address(args, settings, env=os.environ):
-    """Flags, then GATEWAY_HOST/GATEWAY_PORT (or PORT), then server.host/port."""
-    host, port = None, None
-    if getattr(args, "bind", None):
-        host, _, p = args.bind.rpartition(":")
-        port = int(p)
-    host = getattr(args, "host", None) or host or env.get("GATEWAY_HOST") or settings.host or "127.0.0.1"
-    port = (getattr(args, "port", None) or port or env.get("GATEWAY_PORT") or env.get("PORT")
-            or settings.port or 11434)
-    return host, int(port)
+    """(host, port) for the development server, in gateway.listen's precedence."""
+    from gateway.listen import listen_bind, split_bind
+    bind = listen_bind(settings, env, getattr(args, "bind", None), getattr(args, "host", None),
+                       getattr(args, "port", None))
+    host, port = split_bind(bind)
+    if host is None or port is None:
+        raise SystemExit(f"the development server listens on HOST:PORT only, not {bind!r}: "
+                         "run gunicorn for a unix socket")
+    return host, port
 
 
 def main(argv=None):
@@ -105,6 +107,7 @@ def main(argv=None):
     monkey.patch_all()
     from gevent.pywsgi import WSGIServer
 
+    from gateway.ops.client_deadlines import ClientTimeouts, deadline_handler
     from gateway.settings import ConfigError, load_settings
 
     ap = argparse.ArgumentParser(description="Ollama-compatible gateway (development server)")
@@ -112,16 +115,22 @@ def main(argv=None):
     ap.add_argument("--host")
     ap.add_argument("--port", type=int)
     ap.add_argument("--bind", help="HOST:PORT")
+    ap.add_argument("--check-config", action="store_true",
+                    help="validate the config and exit (0: valid, 1: the error on stderr)")
     args = ap.parse_args(argv)
     try:
         settings = load_settings(args.config)
     except ConfigError as e:
         print(str(e), file=sys.stderr)
-        return 2
+        return 1 if args.check_config else 2
+    if args.check_config:
+        print(f"config OK: {settings.file}")
+        return 0
     settings.host, settings.port = listen_address(args, settings)
     app = create_app(settings)
     logging.getLogger("gateway").info("listening on http://%s:%d", settings.host, settings.port)
-    server = WSGIServer((settings.host, settings.port), app, log=None, error_log=logging.getLogger("gevent"))
+    server = WSGIServer((settings.host, settings.port), app, log=None, error_log=logging.getLogger("gevent"),
+                        handler_class=deadline_handler(ClientTimeouts.of(settings)))
     try:
         server.serve_forever()
     except KeyboardInterrupt:

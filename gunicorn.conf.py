@@ -1,14 +1,16 @@
 """gunicorn settings: `gunicorn -c gunicorn.conf.py wsgi:app`.
 
-Workers: GATEWAY_WORKERS if set; else one gevent worker when a local provider is
-configured (each worker process would load its own copies of the models), else one per
-core. Key rest state is per worker (see README, "Operations and deployment")."""
+Workers: GATEWAY_WORKERS if set; else one gevent worker when a provider type that must
+run in one process is configured (`single_worker`: local models, each worker would load its
+own copies), else one per core. Key rest state is per worker (see README, "Operations and deployment")."""
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from gateway.listen import listen_bind  # noqa: E402
 from gateway.settings import ConfigError, load_settings  # noqa: E402
+from providers import config_class  # noqa: E402
 
 # Check the config in the master so a bad file stops the start with one line, at once.
 try:
@@ -17,14 +19,14 @@ except ConfigError as _e:
     print(str(_e), file=sys.stderr)
     sys.exit(2)
 
-_host = os.environ.get("GATEWAY_HOST") or _settings.host
-_port = os.environ.get("GATEWAY_PORT") or os.environ.get("PORT") or _settings.port
-bind = os.environ.get("GATEWAY_BIND") or f"{_host}:{_port}"
-worker_class = "gevent"
+bind = listen_bind(_settings)
+# gunicorn's gevent worker plus deadlines for slow clients (server.client_header_timeout,
+# client_body_timeout, keepalive_timeout): gateway/ops/gunicorn_worker.py.
+worker_class = "gateway.ops.gunicorn_worker.DeadlineGeventWorker"
 
 
 def _default_workers(settings) -> int:
-    if any(p.get("type") == "local" for p in settings.providers.values()):
+    if any(config_class(p["type"]).single_worker for p in settings.providers.values()):
         return 1
     return os.cpu_count() or 1
 
@@ -33,7 +35,8 @@ workers = int(os.environ.get("GATEWAY_WORKERS") or _default_workers(_settings))
 worker_connections = int(os.environ.get("GATEWAY_WORKER_CONNECTIONS", "4096"))
 timeout = 0                 # streams may run long; gevent workers heartbeat on their own
 graceful_timeout = int(os.environ.get("GATEWAY_GRACEFUL_TIMEOUT", "30"))
-keepalive = 75
+# On unless server.keepalive_timeout is 0; the worker enforces the exact idle time.
+keepalive = int(_settings.keepalive_timeout + 0.999)
 accesslog = None            # the app logs one line per request itself
 errorlog = "-"
 loglevel = os.environ.get("GATEWAY_LOG_LEVEL", "info")

@@ -8,13 +8,13 @@ import base64
 import binascii
 import datetime
 import json
-import math
 import re
-import secrets
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from gateway.canonical import ChatRequest, Message, ToolCall
+from gateway.tool_calls import arguments_from_output, pair_tool_results
+from providers.media import sniff_mime
 from providers.schema_sanitize import sanitize_schema
 
 # Google documents this value as "skip validation" for function calls whose signature was
@@ -47,10 +47,6 @@ _ID_SIG = re.compile(r"^.*?" + _MARK + r"([A-Za-z0-9_-]+)$")
 MAX_SIG_IN_ID = 16384
 
 
-def new_call_id() -> str:
-    return "call_" + secrets.token_hex(4)
-
-
 def encode_call_id(base: str, signature: Optional[str]) -> str:
     """The id a client sees. A signature that is not standard padded base64 (or is huge)
     is left out of the id; the adapter's memory still has it."""
@@ -76,10 +72,6 @@ def signature_from_id(call_id: Optional[str]) -> Optional[str]:
 
 
 # ---- request ---------------------------------------------------------------------------
-_MAGIC = [(b"\x89PNG\r\n\x1a\n", "image/png"), (b"\xff\xd8\xff", "image/jpeg"),
-          (b"GIF87a", "image/gif"), (b"GIF89a", "image/gif"), (b"%PDF-", "application/pdf")]
-
-
 def image_part(image: str) -> dict:
     """inlineData for a base64 image; a data: URL prefix is accepted and its MIME kept."""
     data, mime = str(image).strip(), None
@@ -87,22 +79,7 @@ def image_part(image: str) -> dict:
         head, data = data.split(",", 1)
         mime = head[5:].split(";")[0] or None
     data = "".join(data.split())
-    return {"inlineData": {"mimeType": mime or sniff_mime(data), "data": data}}
-
-
-def sniff_mime(b64: str) -> str:
-    try:
-        head = base64.b64decode(b64[:64] + "=" * (-len(b64[:64]) % 4))
-    except (binascii.Error, ValueError):
-        head = b""
-    for magic, mime in _MAGIC:
-        if head.startswith(magic):
-            return mime
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return "image/webp"
-    if head[4:8] == b"ftyp" and head[8:12] in (b"heic", b"heix", b"mif1", b"msf1"):
-        return "image/heic"
-    return "image/jpeg"   # the commonest camera/screenshot format when nothing matches
+    return {"inlineData": {"mimeType": mime or sniff_mime(data, default="image/jpeg"), "data": data}}
 
 
 def _tool_response(content: str) -> dict:
@@ -118,8 +95,6 @@ def build_contents(messages: list, remembered: Optional[Callable[[ToolCall], Opt
     remembered=None: send no real signature, the placeholder on every call (the retry after
     Gemini rejected a signature we replayed)."""
     system, contents = [], []
-    names_by_id: dict = {}
-    unanswered: list = []                 # names of the last assistant turn's calls, in order
 
     def add(role: str, parts: list):
         if contents and contents[-1]["role"] == role:
@@ -127,7 +102,7 @@ def build_contents(messages: list, remembered: Optional[Callable[[ToolCall], Opt
         else:
             contents.append({"role": role, "parts": parts})
 
-    for m in messages:
+    for m in pair_tool_results(messages):
         if m.role == "system":
             if m.content:
                 system.append(m.content)
@@ -135,7 +110,6 @@ def build_contents(messages: list, remembered: Optional[Callable[[ToolCall], Opt
             parts = []
             if m.content:
                 parts.append({"text": m.content})
-            unanswered = []
             for i, tc in enumerate(m.tool_calls):
                 part = {"functionCall": {"name": tc.name, "args": tc.arguments or {}}}
                 sig = None
@@ -147,18 +121,12 @@ def build_contents(messages: list, remembered: Optional[Callable[[ToolCall], Opt
                 if sig or i == 0 or remembered is None:
                     part["thoughtSignature"] = sig or PLACEHOLDER_SIGNATURE
                 parts.append(part)
-                if tc.id:
-                    names_by_id[tc.id] = tc.name
-                unanswered.append(tc.name)
             if parts:
                 add("model", parts)
         elif m.role == "tool":
-            name = m.tool_name or names_by_id.get(m.tool_call_id or "")
-            if not name:
-                name = unanswered[0] if unanswered else "tool"
-            if name in unanswered:
-                unanswered.remove(name)
-            add("user", [{"functionResponse": {"name": name,
+            # Gemini pairs a response with its call by name and order, so the name is the
+            # paired call's; a result with no call to answer keeps the name it came with.
+            add("user", [{"functionResponse": {"name": m.tool_name or "tool",
                                                "response": _tool_response(m.content or "")}}])
         else:
             parts = [{"text": m.content}] if m.content else []
@@ -319,7 +287,7 @@ def parse_response(obj) -> Parsed:
             if isinstance(part.get("functionCall"), dict):
                 fc = part["functionCall"]
                 args = fc.get("args")
-                p.calls.append((str(fc.get("name") or ""), args if isinstance(args, dict) else {},
+                p.calls.append((str(fc.get("name") or ""), arguments_from_output(args),
                                 fc.get("id"), part.get("thoughtSignature")))
             elif isinstance(part.get("text"), str):
                 if part.get("thought"):
@@ -343,11 +311,6 @@ def embed_content(text: str, dimensions: Optional[int]) -> dict:
     return body
 
 
-def l2_normalise(vec: list) -> list:
-    norm = math.sqrt(sum(float(x) * float(x) for x in vec))
-    return [float(x) / norm for x in vec] if norm > 0 else [float(x) for x in vec]
-
-
 # ---- error details ------------------------------------------------------------------------------
 def error_details(body) -> tuple:
     """(status, message, details list) of a Gemini error body (dict, or the shim's array)."""
@@ -356,9 +319,9 @@ def error_details(body) -> tuple:
     err = body.get("error") if isinstance(body, dict) else None
     if not isinstance(err, dict):
         return "", "", []
-    details = err.get("details") if isinstance(err.get("details"), list) else []
+    details = err.get("details")
     return str(err.get("status") or ""), str(err.get("message") or ""), \
-        [d for d in details if isinstance(d, dict)]
+        [d for d in details if isinstance(d, dict)] if isinstance(details, list) else []
 
 
 def parse_duration(value) -> Optional[float]:

@@ -21,10 +21,11 @@ from requests.adapters import HTTPAdapter
 from requests.structures import CaseInsensitiveDict
 
 from gateway import reqctx
-from gateway.http.streaming import more_ready
+from gateway.canonical import Chunk, ModelCard
 from gateway.errors import (BadRequest, GatewayError, Passthrough, RateLimited, UpstreamFailed,
                             UpstreamTimeout, scrub)
-from providers.base import Provider
+from gateway.reqctx import more_ready
+from providers.remote_config import RemoteConfig
 from providers.keypool import AUTH, RATE, TRANSIENT, KeyPool
 
 log = logging.getLogger("gateway.upstream")
@@ -54,8 +55,13 @@ class UpstreamHTTPError(UpstreamFailed):
     """Raised inside a stream when the upstream fails after the first byte (502)."""
 
 
-class RemoteProvider(Provider):
-    type_name = "remote"
+# Context length reported for a remote model when neither the model nor the provider sets
+# one: most hosted chat models take at least 32K tokens today, and a client that trims its
+# history to this figure stays within them; a larger upstream limit is set in the config.
+DEFAULT_CONTEXT_LENGTH = 32768
+
+
+class RemoteProvider(RemoteConfig):
 
     def __init__(self, name: str, cfg: dict, settings=None):
         super().__init__(name, cfg, settings)
@@ -68,6 +74,7 @@ class RemoteProvider(Provider):
                             cooldown=float(cfg.get("cooldown", 30)),
                             auth_cooldown=float(cfg.get("auth_cooldown", 3600)))
         self.model_ids = [str(m) for m in (cfg.get("models") or [])]
+        self.context_lengths = dict(cfg.get("context_lengths") or {})
         self.session = requests.Session()
         # Many concurrent streams share one session; never block waiting for a slot.
         adapter = HTTPAdapter(pool_connections=4, pool_maxsize=2048, max_retries=0)
@@ -102,12 +109,33 @@ class RemoteProvider(Provider):
             return err
         if isinstance(body, list) and body and isinstance(body[0], dict):
             return self.error_message(body[0], text)
-        return (text or "").strip()[:500] or "no error message"
+        # Scrub, then cut: a cut first would leave a key's head that scrub() cannot match.
+        return scrub((text or "").strip())[:500] or "no error message"
 
     # ---- discovery --------------------------------------------------------------------
+    def listed(self, upstream_id: str) -> bool:
+        return upstream_id in self.model_ids   # card() also accepts unlisted ids
+
     @property
     def offered(self) -> bool:
         return len(self.pool) > 0
+
+    def default_context_length(self, uid: str) -> Optional[int]:
+        """The type's figure for a model the config gives no context_length."""
+        return DEFAULT_CONTEXT_LENGTH
+
+    def with_context_length(self, card: ModelCard) -> ModelCard:
+        """The model's context length (config per model, then per provider, then the type's
+        default) where clients read it: /api/show model_info["<family>.context_length"]
+        (LlamaIndex, LiteLLM) and /api/tags details."""
+        n = (self.context_lengths.get(card.upstream_id) or self.cfg.get("context_length")
+             or self.default_context_length(card.upstream_id))
+        if n:
+            card.context_length = int(n)
+            family = card.family or self.type_name
+            card.model_info = {"general.architecture": family, f"{family}.context_length": int(n),
+                               **(card.model_info or {})}
+        return card
 
     def health(self) -> dict:
         out = {"type": self.type_name, "offered": self.offered, "last_error": self.last_error_class}
@@ -167,7 +195,7 @@ class RemoteProvider(Provider):
                 return resp
             text, parsed = read_error_body(resp)
             verdict, seconds = self.classify(resp.status_code, parsed, text, resp.headers)
-            msg = scrub(self.error_message(parsed, text))
+            msg = scrub(self.error_message(parsed, text))[:1000]
             if verdict == PASS:
                 log.info("provider=%s key_index=%d status=%d passthrough", self.name, idx,
                          resp.status_code)
@@ -244,6 +272,22 @@ def _json_loads(data: bytes):
     return obj
 
 
+def gather(chunks) -> Iterator[Chunk]:
+    """A streamed answer as one chunk plus the final one, for a client that did not ask to
+    stream. Adapters stream upstream even then: `timeout` bounds the wait for the first
+    byte, and a non-streamed upstream answer sends nothing until the generation is done."""
+    whole = Chunk()
+    for ch in chunks:
+        if ch.done:
+            if whole.content or whole.thinking or whole.tool_calls:
+                yield whole
+            yield ch
+            return
+        whole.content += ch.content
+        whole.thinking += ch.thinking
+        whole.tool_calls.extend(ch.tool_calls)
+
+
 def read_error_body(resp: requests.Response, limit: int = 65536):
     try:
         if getattr(resp, "_content_consumed", False):
@@ -278,24 +322,15 @@ def set_idle_timeout(resp: requests.Response, seconds: float) -> None:
         pass
 
 
-def _decode_str(data: bytes) -> str:
-    return data.decode("utf-8", "replace")
-
-
-def iter_sse_data(resp: requests.Response) -> Iterator[str]:
-    """Yield each SSE event's data as soon as its blank line arrives (no read-ahead
-    buffering). Accepts LF or CRLF, joins multi-line data, skips comments and other
-    fields. A final event without its blank line is still delivered."""
-    return _sse_events(resp, _decode_str)
-
-
 def _sse_events(resp, convert) -> Iterator:
-    """iter_sse_data with each event's bytes passed through `convert` (a result of _STOP
-    ends the stream there): sse_json decodes JSON in the same pass, without a second
-    generator per event.
+    """Each SSE event's data as soon as its blank line arrives (no read-ahead buffering),
+    passed through `convert` (a result of _STOP ends the stream there): sse_json decodes
+    JSON in the same pass, without a second generator per event. Accepts LF or CRLF, joins
+    multi-line data, skips comments and other fields; a final event without its blank
+    line is still delivered.
 
     While the surface that drives the stream has put a hint in the context
-    (gateway.http.streaming.more_ready), item 0 says whether another whole event has
+    (gateway.reqctx.more_ready), item 0 says whether another whole event has
     already arrived after the one just yielded: the surface may then write the chunks
     of one burst together, and it never holds anything while this reader would wait."""
     raw = resp.raw
@@ -351,12 +386,6 @@ def _sse_events(resp, convert) -> Iterator:
             yield out
 
 
-def require_keys_json(obj, what: str):
-    if not isinstance(obj, dict):
-        raise UpstreamFailed(f"{what}: upstream answered something that is not a JSON object")
-    return obj
-
-
 # ---- the transport ------------------------------------------------------------------------
 # requests costs ~0.7 ms of CPU per call (session merging, PreparedRequest, urllib3's
 # pool/Retry/Timeout objects, http.client's email-parser header parsing, cookie jars) and
@@ -365,7 +394,7 @@ def require_keys_json(obj, what: str):
 # was a third of the gateway's CPU. Transport is a small HTTP/1.1 client with the same
 # contract: requests' exceptions (ConnectTimeout, ReadTimeout, ConnectionError,
 # ChunkedEncodingError, InvalidHeader), a requests.Response with `raw` readable by
-# iter_sse_data/read_error_body, a LIFO keep-alive pool that never blocks, and the
+# _sse_events/read_error_body, a LIFO keep-alive pool that never blocks, and the
 # connection returned to the pool once the body has been read to its end.
 
 def _requests_transport_replaced() -> bool:
@@ -608,7 +637,7 @@ def _read_head(sock):
 
 class Body:
     """A response body over a pooled connection, de-chunked and decompressed: read1()
-    for iter_sse_data, read()/stream() for read_error_body and requests' .content.
+    for _sse_events, read()/stream() for read_error_body and requests' .content.
     Reading it to its end returns the connection to the pool; close() before that
     closes the connection, unless the rest has already arrived (then it is drained)."""
 
@@ -826,5 +855,5 @@ class Body:
             _close(sock)
 
 
-__all__ = ["RemoteProvider", "UpstreamHTTPError", "parse_retry_after", "iter_sse_data",
+__all__ = ["RemoteProvider", "UpstreamHTTPError", "parse_retry_after",
            "ROTATE_AUTH", "ROTATE_RATE", "ROTATE_TRANSIENT", "PASS", "BadRequest"]

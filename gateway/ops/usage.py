@@ -25,6 +25,7 @@ import threading
 import time
 from typing import Optional
 
+from gateway.concurrency import run_blocking as _blocking
 from gateway.errors import BadRequest, NotFound, scrub
 
 log = logging.getLogger("gateway.usage")
@@ -35,6 +36,10 @@ MAX_QUEUE = 10000           # rows held in memory while the disk is slow; beyond
 MAX_BATCH = 500
 ERROR_LOG_EVERY = 60.0      # at most one log line a minute while writes keep failing
 GROUPS = {"model": "model", "provider": "provider", "key": "client_key"}
+# Clients choose model names: rows keep at most this much of one, and /api/usage lists at
+# most MAX_GROUPS groups (the busiest), the rest summed as one "other" group.
+MAX_TEXT = 512
+MAX_GROUPS = 200
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS usage (
@@ -59,31 +64,17 @@ COLUMNS = ("ts", "client_key", "route", "provider", "model", "key_index", "statu
 _INSERT = f"INSERT INTO usage ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
 
 
-def _gevent_patched() -> bool:
-    try:
-        from gevent import monkey
-        return monkey.is_module_patched("threading")
-    except ImportError:
-        return False
-
-
-def _blocking(fn, *args):
-    """Run blocking SQLite work off the event loop when gevent runs it."""
-    if _gevent_patched():
-        import gevent
-        return gevent.get_hub().threadpool.apply(fn, args)
-    return fn(*args)
-
-
 def db_path(settings) -> Optional[str]:
-    """server.usage_db: absent → the default file; "" / false / null-ish → disabled."""
+    """server.usage_db: absent → the default file; "" / false / null-ish → disabled;
+    sqlite:///path (SQLAlchemy's form: three slashes, then the path) → path."""
     server = settings.raw.get("server") or {}
     if "usage_db" not in server:
         return DEFAULT_PATH
-    value = server.get("usage_db")
-    if value in (None, "", False) or str(value).lower() in ("false", "off", "none"):
+    value = settings.usage_db     # checked by gateway/settings.py (no other scheme gets here)
+    if not value:
         return None
-    return str(value)
+    value = str(value)
+    return value[len("sqlite:///"):] if value.lower().startswith("sqlite:///") else value
 
 
 def _int(v):
@@ -91,6 +82,10 @@ def _int(v):
         return None if v is None else int(v)
     except (TypeError, ValueError):
         return None
+
+
+def _text(v):
+    return None if v is None else str(v)[:MAX_TEXT]
 
 
 def _ms(v):
@@ -120,8 +115,8 @@ class UsageLog:
 
     # ---- the request side: never blocks ---------------------------------------------------
     def row(self, record: dict, client_key=None, now=None) -> tuple:
-        return (time.time() if now is None else now, client_key, record.get("route"),
-                record.get("provider"), record.get("model"), _int(record.get("key_index")),
+        return (time.time() if now is None else now, client_key, _text(record.get("route")),
+                _text(record.get("provider")), _text(record.get("model")), _int(record.get("key_index")),
                 _int(record.get("status")), 1 if record.get("stream") else 0,
                 _int(record.get("prompt_tokens")), _int(record.get("completion_tokens")),
                 _ms(record.get("latency")), _ms(record.get("ttft")))
@@ -273,17 +268,35 @@ class UsageLog:
             total = _row_dict(conn.execute(f"SELECT {select} FROM usage {where}", args).fetchone())
             if col:
                 q = (f"SELECT {col}, {select} FROM usage {where} GROUP BY {col} "
-                     f"ORDER BY COUNT(*) DESC")
-                for r in conn.execute(q, args):
+                     f"ORDER BY COUNT(*) DESC LIMIT {MAX_GROUPS + 1}")
+                rows = conn.execute(q, args).fetchall()
+                for r in rows[:MAX_GROUPS]:
                     d = {group_by: r[0]}
                     d.update(_row_dict(r[1:]))
                     groups.append(d)
+                if len(rows) > MAX_GROUPS:
+                    groups.append(self._rest(conn, col, group_by, select, where, args,
+                                             [r[0] for r in rows[:MAX_GROUPS]]))
         except sqlite3.OperationalError as e:
             if "no such table" not in str(e):
                 raise
         finally:
             conn.close()
         return {"total": total, "groups": groups}
+
+
+    @staticmethod
+    def _rest(conn, col, group_by, select, where, args, shown) -> dict:
+        """Every row outside the groups shown, as one "other" group."""
+        named = [v for v in shown if v is not None]
+        cond = [f"{col} NOT IN ({', '.join('?' * len(named))})"] if named else []
+        if None in shown:
+            cond.append(f"{col} IS NOT NULL")
+        clause = (where + " AND " if where else "WHERE ") + " AND ".join(cond)
+        r = conn.execute(f"SELECT {select} FROM usage {clause}", list(args) + named).fetchone()
+        d = {group_by: "other"}
+        d.update(_row_dict(r))
+        return d
 
 
 def _row_dict(r) -> dict:
@@ -334,6 +347,8 @@ def install(app, state) -> None:
         app.extensions["gateway_usage"] = usage
 
         def log_usage(record: dict) -> None:
+            if record.get("model") is None:   # refused before a model was named: no usage
+                return
             rec = dict(record, provider=provider_of(record, state))
             usage.record(rec, current_client_key())
 

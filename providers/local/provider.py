@@ -2,7 +2,7 @@
 way Ollama schedules them (scheduler.py), every native call on a native thread
 (native.py, engine.py).
 
-YAML (checked by gateway/settings.py):
+YAML (keys declared and checked in config.py):
   type: local
   keep_alive: 5m            # default for requests that name none
   max_loaded_models: 0      # 0 = as many as the memory budget allows
@@ -34,21 +34,20 @@ from typing import Iterator, Optional
 
 from gateway.canonical import ChatRequest, Chunk, EmbedRequest, EmbedResult, LoadedModel, ModelCard
 from gateway.errors import BadRequest, ServiceBusy, model_not_found
-from providers.base import Provider
+from providers.local.config import LocalConfig
 from providers.local.generate import generate
 from providers.local.native import run_blocking
 from providers.local.plan import build as build_plan
 from providers.local.plan import with_model_options
 from providers.local.scheduler import BUSY_MESSAGE, FOREVER, Scheduler
-from providers.local.sources import LocalModel, default_cache_dir
+from providers.local.sources import LocalModel, default_cache_dir, gguf_files_in
 
 log = logging.getLogger("gateway.local")
 
 FAR_FUTURE = 292 * 365.25 * 86400      # what Ollama shows for keep_alive < 0
 
 
-class LocalProvider(Provider):
-    type_name = "local"
+class LocalProvider(LocalConfig):
 
     def __init__(self, name: str, cfg: dict, settings=None):
         super().__init__(name, cfg, settings)
@@ -99,7 +98,7 @@ class LocalProvider(Provider):
             return {}
         d = Path(os.path.expanduser(str(self.models_dir)))
         try:
-            files = sorted(p for p in d.iterdir() if p.suffix.lower() == ".gguf" and p.is_file())
+            files = gguf_files_in(d)
         except OSError as e:
             log.warning("local: cannot list models_dir %s: %s", d, e)
             return {}
