@@ -30,7 +30,6 @@ its job by setting job.cancelled, read by the loop at its next step.
 from __future__ import annotations
 
 import ctypes
-import logging
 import os
 from typing import Optional
 
@@ -38,7 +37,6 @@ import llama_cpp
 
 from providers.local.native import real_lock
 
-log = logging.getLogger("gateway.local.decoder")
 
 END = object()
 
@@ -163,7 +161,8 @@ class Decoder:
                         self._admit(j)
                     self._step()
         except BaseException as e:  # noqa: B902 - handed to every request
-            log.exception("decode loop failed")
+            # no logging here: its handler locks may be gevent's (see engine.py); the
+            # requests report the error
             with self._lock:
                 new, self._pending = self._pending, []
                 self._running = False

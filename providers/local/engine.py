@@ -188,6 +188,11 @@ class Engine:
         cp.n_batch = cp.n_ubatch = n_batch
         cp.n_seq_max = n_parallel
         cp.kv_unified = kv_unified
+        # a sliding-window cache keeps only the window's last positions, so a follow-up
+        # turn that differs anywhere in its last window tokens would re-read its whole
+        # history; full-size SWA layers keep every conversation's prefix reusable (the
+        # memory estimate already counts full-size KV for every layer)
+        cp.swa_full = True
         cp.n_threads = cp.n_threads_batch = n_threads
         cp.no_perf = True
         self._ctx = _internals.LlamaContext(model=self._model, params=cp, verbose=False)
