@@ -337,6 +337,9 @@ class Decoder:
             err = RuntimeError(f"llama_decode failed ({rc})")
             for j in gen + [j for j, _ in fed]:
                 j.idx = -1
+                # what part of the batch reached the cache is unknown: forget the slot's
+                llama_cpp.llama_memory_seq_rm(self.mem, j.slot.id, -1, -1)
+                j.slot.cached.clear()
                 self._finish(j, Failed(err))
             return
         for j in gen:
