@@ -178,3 +178,14 @@ def test_env_sets_the_default_slot_count(make, monkeypatch):
     assert p._model("tiny").num_parallel == 3
     p2 = make(models={"tiny": {"path": p._model("tiny").path(), "num_parallel": 1}})
     assert p2._model("tiny").num_parallel == 1                 # a model's own setting wins
+
+
+def test_every_sampling_option_builds_its_chain(make):
+    p = make(num_parallel=3)
+    reqs = [req("a", num_predict=8, seed=2, mirostat=1, mirostat_tau=4.0, mirostat_eta=0.2),
+            req("b", num_predict=8, seed=2, mirostat=2),
+            req("c", num_predict=8, seed=2, top_k=5, top_p=0.5, min_p=0.1, typical_p=0.9,
+                repeat_penalty=1.3, repeat_last_n=-1, presence_penalty=0.5, frequency_penalty=0.5)]
+    outs = together(p, reqs)
+    assert all(o[-1].done and o[-1].completion_tokens == 8 for o in outs)
+    assert text(outs[2]) == text(list(p.chat(reqs[2], "tiny")))       # seeded: reproducible
