@@ -451,8 +451,9 @@ def measure_parallel(gw, reps, log):
 
 # ---- the decode loop alone: batching vs taking turns -----------------------------------
 def decoder_micro(model_path, counts, n_threads, n_tokens=48, reps=2):
-    """Aggregate tok/s of N greedy sequences in one context, batched (batch_min 1) and
-    taking turns (batch_min above N), straight on the Engine/Decoder: no HTTP, no gevent."""
+    """Aggregate tok/s of N greedy sequences in one context, batched (batch_min 1), taking
+    turns (batch_min above N) and as the gateway runs them (the loop measures and picks),
+    straight on the Engine/Decoder: no HTTP, no gevent."""
     from providers.local.decoder import END, Job
     from providers.local.engine import Engine
     from providers.local.native import Channel, Executor
@@ -461,7 +462,7 @@ def decoder_micro(model_path, counts, n_threads, n_tokens=48, reps=2):
     rows = []
     for n in counts:
         row = {"n": n}
-        for name, bmin in (("batched", 1), ("turns", n + 1)):
+        for name, bmin in (("batched", 1), ("turns", n + 1), ("measured", None)):
             eng = Engine(model_path, n_ctx=512, n_gpu_layers=-1 if _gpu() else 0, n_threads=n_threads,
                          n_parallel=max(n, 1), batch_min=bmin)
             ex = Executor()
@@ -482,7 +483,8 @@ def decoder_micro(model_path, counts, n_threads, n_tokens=48, reps=2):
             eng.close()
             row[name] = best
         rows.append(row)
-        print(f"N={n}: batched {row['batched']:.1f} tok/s, taking turns {row['turns']:.1f} tok/s", flush=True)
+        print(f"N={n}: batched {row['batched']:.1f} tok/s, taking turns {row['turns']:.1f} tok/s, "
+              f"the gateway's choice {row['measured']:.1f} tok/s", flush=True)
     return rows
 
 

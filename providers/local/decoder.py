@@ -18,11 +18,14 @@ any request is active. Each step:
 A request that went away is dropped at the next step; its slot keeps its cached tokens
 for the next request that shares them.
 
-Batching policy: on a small CPU a batch of 2-3 sequences' next tokens costs about as much
-as decoding them one by one (ggml's batched kernels pay off with more rows), so below
-`batch_min` generating sequences (4 on CPUs, 1 with GPU offload) the loop interleaves
-single-sequence steps round-robin, every other step feeding waiting prompts; from
-`batch_min` on it decodes them all in one batch.
+Batching policy: on a small CPU a batch of a few sequences' next tokens can cost as much
+as decoding them one by one (ggml's batched kernels pay off with more rows; 2-4 on the
+2-core CPU here: anywhere from 0.65x to 1.5x), on a GPU batching always wins. So the loop
+measures: it keeps the recent time of a next-token step per batch size, and decodes the g
+generating sequences in one batch when that costs less than g single-sequence steps,
+otherwise it takes turns (one sequence per step, round-robin, every other step feeding
+waiting prompts); now and then it tries the other choice to keep both times current.
+`batch_min` fixes the rule instead (1 with GPU offload; GATEWAY_LOCAL_BATCH_MIN).
 
 Everything here runs on the model's native thread except submit(); a request cancels
 its job by setting job.cancelled, read by the loop at its next step.
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import time
 from typing import Optional
 
 import llama_cpp
@@ -88,16 +92,17 @@ def _common_prefix(a: list, b: list) -> int:
     return i
 
 
-def batch_min_default(n_threads: int, gpu: bool) -> int:
+def batch_min_default(gpu: bool) -> Optional[int]:
+    """A fixed batching rule, or None: measure (see the module's docstring)."""
     env = os.environ.get("GATEWAY_LOCAL_BATCH_MIN")
     if env and env.strip().isdigit():
         return max(1, int(env))
-    return 1 if gpu else 4
+    return 1 if gpu else None
 
 
 class Decoder:
     def __init__(self, ctx, model, vocab, *, n_parallel: int, n_ctx: int, n_batch: int,
-                 n_vocab: int, batch_min: int = 1, unified: bool = False):
+                 n_vocab: int, batch_min: Optional[int] = None, unified: bool = False):
         self.ctx = ctx                   # llama_context_p
         self.model = model
         self.vocab = vocab
@@ -106,7 +111,9 @@ class Decoder:
         self.n_ctx = n_ctx               # per slot
         self.n_batch = n_batch
         self.n_vocab = n_vocab
-        self.batch_min = max(1, batch_min)
+        self.batch_min = None if batch_min is None else max(1, batch_min)
+        self._cost: dict = {}            # next-token batch size -> recent seconds per decode
+        self._steps = 0
         self.mix = unified               # prompts and next tokens in one batch
         self.n_swa = int(llama_cpp.llama_model_n_swa(model))
         self.slots = [Slot(i) for i in range(n_parallel)]
@@ -283,7 +290,7 @@ class Decoder:
         self._fill_turn = not self._fill_turn
         fill_now = bool(fill) and (self._fill_turn or not gen)
         if self.mix:
-            if len(gen) >= self.batch_min:
+            if gen and self._batch_pays(len(gen)):
                 return gen, fill
             if fill_now:
                 return [], fill
@@ -293,11 +300,28 @@ class Decoder:
             # (it would go through one token per micro-batch)
             if fill_now:
                 return [], fill[:1]
-            if len(gen) >= self.batch_min:
+            if gen and self._batch_pays(len(gen)):
                 return gen, []
         # interleave: one sequence's next token, round-robin
         self._rr = (self._rr + 1) % len(gen)
         return [gen[self._rr]], []
+
+    def _batch_pays(self, g: int) -> bool:
+        """Decode the g generating sequences' next tokens in one batch (else one of them)?"""
+        if g <= 1:
+            return True
+        if self.batch_min is not None:
+            return g >= self.batch_min
+        cost_g, cost_1 = self._cost.get(g), self._cost.get(1)
+        if cost_g is None:
+            return True                  # not measured yet: measure it
+        if cost_1 is None:
+            return False
+        pays = cost_g <= g * cost_1
+        self._steps += 1
+        if self._steps % 64 == 0:
+            return not pays              # keep the other time current
+        return pays
 
     def _step(self):
         gen, fill = self._pick()
@@ -332,7 +356,12 @@ class Decoder:
             fed.append((j, take))
             budget -= take
         b.n_tokens = n
+        t0 = time.perf_counter()
         rc = llama_cpp.llama_decode(self.ctx, b)
+        if rc == 0 and not fed:
+            dt = time.perf_counter() - t0
+            old = self._cost.get(n)
+            self._cost[n] = dt if old is None else 0.8 * old + 0.2 * dt
         if rc != 0:
             err = RuntimeError(f"llama_decode failed ({rc})")
             for j in gen + [j for j, _ in fed]:

@@ -202,7 +202,7 @@ class Engine:
         self.n_parallel = n_parallel
         self.pooling = None
         if batch_min is None:
-            batch_min = batch_min_default(n_threads, n_gpu_layers != 0 and gpu_offload_supported())
+            batch_min = batch_min_default(n_gpu_layers != 0 and gpu_offload_supported())
         self.decoder = Decoder(self._ctx.ctx, self._model.model, self._model.vocab,
                                n_parallel=n_parallel, n_ctx=self.n_ctx, n_batch=n_batch,
                                n_vocab=self._model.n_vocab(), batch_min=batch_min,
