@@ -10,9 +10,8 @@ instance and releases it when its answer ends. Rules:
   * one load at a time; before loading, the memory the model will need (weights + KV
     cache for every slot + compute buffer) must fit the budget; a model whose slot count
     is not configured gets DEFAULT_PARALLEL slots, fewer when the budget is smaller; idle
-    models are evicted, shortest
-    keep_alive first; a busy model is never evicted (the request waits instead); a
-    model that could never fit is refused;
+    models are evicted, shortest keep_alive first; a model with a slot in use is never
+    evicted (the request waits instead); a model that could never fit is refused;
   * `max_loaded_models` caps the count the same way;
   * keep_alive counts from the end of the last request: 0 unloads when idle, negative
     keeps the model forever; a sweeper unloads expired idle models;
