@@ -134,8 +134,8 @@ class Decoder:
         with self._lock:
             if self._closed:
                 raise RuntimeError("the model was unloaded")
-            if len(self._pending) + len(self._active) >= self.n_parallel:
-                raise RuntimeError("no free slot")       # the scheduler's lease prevents it
+            # the scheduler grants one lease per slot; should a job still find every slot
+            # taken (a request killed twice lets go of its lease early) it waits here
             self._pending.append(job)
             start = not self._running
             self._running = True
@@ -157,7 +157,8 @@ class Decoder:
                             self._running = False
                             return
                         else:
-                            new, self._pending = self._pending, []
+                            free = sum(1 for s in self.slots if s.job is None)
+                            new, self._pending = self._pending[:free], self._pending[free:]
                             closing = False
                     if closing:
                         err = RuntimeError("the model was unloaded")
