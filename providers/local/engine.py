@@ -13,7 +13,7 @@ import ctypes
 import itertools
 import logging
 import os
-from typing import Optional
+from typing import Any, Optional
 
 # A crash inside ggml would otherwise try to attach gdb/print a backtrace from inside the
 # server process; it must be set before the library is loaded.
@@ -137,8 +137,11 @@ class Engine:
         mark = _log_mark()
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path} does not exist")
-        self.llama = self._ctx = self._model = None
-        self.decoder = None
+        # llama_cpp's objects, set by the loader below (typed Any: the library is untyped)
+        self.llama: Any = None
+        self._ctx: Any = None
+        self._model: Any = None
+        self.decoder: Any = None
         try:
             if embedding:
                 self._load_embedding(path, n_ctx, n_gpu_layers, n_threads, pooling_in_file)
