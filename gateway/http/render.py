@@ -20,7 +20,10 @@ def method() -> str:
 def error(e) -> Response:
     status = getattr(e, "status", 500) or 500
     msg = scrub(getattr(e, "message", None) or str(e))
-    if path().startswith("/v1"):
+    if path().startswith("/v1/messages"):
+        from gateway.http.anthropic_wire import error_body
+        body = error_body(status, msg)
+    elif path().startswith("/v1"):
         kind = getattr(e, "kind", "api_error")
         if status == 404 and kind == "api_error":
             kind = "not_found_error"
