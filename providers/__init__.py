@@ -7,6 +7,7 @@ import importlib
 _TYPES = {
     "openai": ("providers.openai_compat", "OpenAIProvider"),
     "gemini": ("providers.gemini", "GeminiProvider"),
+    "anthropic": ("providers.anthropic", "AnthropicProvider"),
     "local": ("providers.local.provider", "LocalProvider"),
 }
 

@@ -180,6 +180,7 @@ def _gather(chunks) -> Iterator[Chunk]:
         whole.content += ch.content
         whole.thinking += ch.thinking
         whole.tool_calls.extend(ch.tool_calls)
+        whole.thinking_signature = ch.thinking_signature or whole.thinking_signature
 
 
 def _flush_into(out: Chunk, split: ThinkSplitter, tools: ToolCallAccumulator) -> None:

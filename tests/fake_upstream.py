@@ -9,6 +9,7 @@ Behaviour is chosen by the API key (so one server serves every scenario at once)
   echokey... 500 whose body echoes the key (tests scrubbing)
   garbage... a malformed JSON event mid-stream    nodone... stream ends with no finish, no [DONE]
   trunc...   stream cut in the middle of an event
+Anthropic's /v1/messages (x-api-key): tests/fake_anthropic.py.
 and by the model id:  "chunks-N-D" streams N chunks D ms apart; "missing" → 404;
 "tools" → answers with a tool call; anything else echoes the last user message.
 GET /_stats → {"requests": {key: n}, "open_streams": n, "bodies": [last 20 bodies]}.
@@ -25,6 +26,10 @@ from gevent import monkey
 monkey.patch_all()
 
 import gevent  # noqa: E402
+try:
+    from tests import fake_anthropic  # noqa: E402  (imported as a module: bench/fake_server.py)
+except ImportError:
+    import fake_anthropic  # noqa: E402  (run as a script)
 from gevent.pywsgi import WSGIServer  # noqa: E402
 
 STATS = {"requests": Counter(), "open_streams": 0, "bodies": deque(maxlen=20)}
@@ -41,7 +46,7 @@ def _key(environ):
     auth = environ.get("HTTP_AUTHORIZATION", "")
     if auth.startswith("Bearer "):
         return auth[7:]
-    return environ.get("HTTP_X_GOOG_API_KEY", "")
+    return environ.get("HTTP_X_GOOG_API_KEY") or environ.get("HTTP_X_API_KEY", "")
 
 
 def _last_user(messages):
@@ -195,6 +200,12 @@ def app(environ, start):
         return fail
     if path.endswith("/chat/completions"):
         return openai_chat(body, key, start)
+    if path.endswith("/messages"):          # Anthropic (tests/fake_anthropic.py)
+        headers = {"anthropic-version": environ.get("HTTP_ANTHROPIC_VERSION")}
+        return fake_anthropic.messages(body, key, headers, start, _json, _sse)
+    if path.endswith("/messages/count_tokens"):
+        return fake_anthropic.count_tokens(body, {"anthropic-version": environ.get("HTTP_ANTHROPIC_VERSION")},
+                                           start, _json)
     if path.endswith("/embeddings") and not gemini:
         inputs = body.get("input")
         inputs = [inputs] if isinstance(inputs, str) else inputs
