@@ -221,6 +221,8 @@ def app(environ, start):
             return gemini_generate(model, body, False, key, start)
         if verb == "streamGenerateContent":
             return gemini_generate(model, body, True, key, start)
+        if verb == "countTokens" and model == "missing":
+            return _json(start, "404 Not Found", {"error": {"code": 404, "message": "not found", "status": "NOT_FOUND"}})
         if verb == "countTokens":   # a word count: tests can tell it from the gateway's estimate
             inner = body["generateContentRequest"]
             assert inner["model"] == "models/" + model, inner.get("model")

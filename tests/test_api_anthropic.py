@@ -122,6 +122,9 @@ def test_sdk_count_tokens_upstream_count_or_estimate(gw):
     assert est == wire.estimate_tokens(wire.chat_request({"model": "m", "messages": msgs, "tools": TOOLS},
                                                          count_only=True))
     assert est > c.messages.count_tokens(model="oai:echo", messages=msgs).input_tokens
+    # an upstream whose count fails still gets an answer: the estimate
+    missing = c.messages.count_tokens(model="gem:missing", messages=msgs).input_tokens
+    assert missing == wire.estimate_tokens(wire.chat_request({"model": "m", "messages": msgs}, count_only=True))
 
 
 def test_claude_code_request_shape_is_accepted(gw):
