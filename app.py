@@ -1,6 +1,7 @@
 """Flask app factory and the development server.
 
     python app.py [--config FILE] [--host H] [--port P] [--bind H:P]
+    python app.py --check-config [--config FILE]    # validate only: exit 0 or 1
 """
 from __future__ import annotations
 
@@ -116,12 +117,17 @@ def main(argv=None):
     ap.add_argument("--host")
     ap.add_argument("--port", type=int)
     ap.add_argument("--bind", help="HOST:PORT")
+    ap.add_argument("--check-config", action="store_true",
+                    help="validate the config and exit (0: valid, 1: the error on stderr)")
     args = ap.parse_args(argv)
     try:
         settings = load_settings(args.config)
     except ConfigError as e:
         print(str(e), file=sys.stderr)
-        return 2
+        return 1 if args.check_config else 2
+    if args.check_config:
+        print(f"config OK: {settings.file}")
+        return 0
     settings.host, settings.port = listen_address(args, settings)
     app = create_app(settings)
     logging.getLogger("gateway").info("listening on http://%s:%d", settings.host, settings.port)

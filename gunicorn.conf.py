@@ -1,14 +1,15 @@
 """gunicorn settings: `gunicorn -c gunicorn.conf.py wsgi:app`.
 
-Workers: GATEWAY_WORKERS if set; else one gevent worker when a local provider is
-configured (each worker process would load its own copies of the models), else one per
-core. Key rest state is per worker (see README, "Operations and deployment")."""
+Workers: GATEWAY_WORKERS if set; else one gevent worker when a provider type that must
+run in one process is configured (`single_worker`: local models, each worker would load its
+own copies), else one per core. Key rest state is per worker (see README, "Operations and deployment")."""
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from gateway.settings import ConfigError, load_settings  # noqa: E402
+from providers import config_class  # noqa: E402
 
 # Check the config in the master so a bad file stops the start with one line, at once.
 try:
@@ -24,7 +25,7 @@ worker_class = "gevent"
 
 
 def _default_workers(settings) -> int:
-    if any(p.get("type") == "local" for p in settings.providers.values()):
+    if any(config_class(p["type"]).single_worker for p in settings.providers.values()):
         return 1
     return os.cpu_count() or 1
 

@@ -89,6 +89,10 @@ class ChatRequest:
     template: Optional[str] = None
     kind: str = "chat"                   # chat | generate
     want_usage: bool = True
+    # OpenAI-surface fields as the client sent them (reasoning_effort or reasoning,
+    # response_format with a json_schema), for OpenAI-type upstreams to receive unchanged;
+    # think and format above are their meaning for every other provider.
+    openai_fields: dict = field(default_factory=dict)
 
 
 @dataclass

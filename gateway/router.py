@@ -111,8 +111,11 @@ class Router:
         targets = self.resolve(req.model)
         last: Optional[GatewayError] = None
         for i, t in enumerate(targets):
-            gen = t.provider.chat(req, t.upstream_id)
+            gen = None
             try:
+                # Inside the try: a provider may refuse before its generator starts (local:
+                # queue full, model file missing), and that must fail over like any other.
+                gen = t.provider.chat(req, t.upstream_id)
                 first = next(gen)
             except StopIteration:
                 first = Chunk(done=True, done_reason="stop")
@@ -176,6 +179,8 @@ class _prepend:
 
 
 def _close(gen):
+    if gen is None:
+        return
     try:
         gen.close()
     except Exception:

@@ -2,6 +2,7 @@
 file, the dotted key path and what is wrong; the process then exits non-zero."""
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 import re
@@ -10,14 +11,26 @@ from typing import Optional
 
 import yaml
 
-from gateway.canonical import FLOAT_OPTIONS, INT_OPTIONS
 from gateway.errors import register_secret
+from providers import TYPES, config_class
 
 DEFAULT_CONFIG = "config/gateway.yaml"
 log = logging.getLogger("gateway.settings")
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
-KNOWN_TYPES = ("local", "openai", "gemini", "anthropic")
+KNOWN_TYPES = tuple(TYPES)
+TOP_KEYS = frozenset({"server", "providers", "aliases"})
+# Every server key, declared here once (unknown keys are a config error).
+SERVER_KEYS = frozenset({
+    "host", "port", "api_keys", "cors_origins", "allowed_hosts", "max_body_mb", "heartbeat",
+    "log_prompts", "log_level", "usage_db", "version", "access_log",
+    "client_header_timeout", "client_body_timeout", "keepalive_timeout", "redis", "clients"})
+CLIENT_KEYS = frozenset({"name", "key", "models", "rpm", "tpm", "max_parallel", "tokens_per_day"})
+# (URL scheme, form shown in errors) that server.usage_db accepts beside a plain SQLite file
+# path; any other "<scheme>://" is refused, never taken for a file path.
+USAGE_DB_SCHEMES = (("sqlite", "sqlite:///path"),)
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
+REDIS_SCHEMES = ("redis", "rediss", "unix")
 _SIZE = re.compile(r"^\s*([0-9.]+)\s*([KMGT]?i?B?)?\s*$", re.I)
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 1024, "m": 1e6, "mb": 1e6, "mib": 1024**2,
           "g": 1e9, "gb": 1e9, "gib": 1024**3, "t": 1e12, "tb": 1e12, "tib": 1024**4}
@@ -43,6 +56,11 @@ class Settings:
     log_level: str = "INFO"
     usage_db: Optional[str] = None
     version: str = "0.12.6"
+    client_header_timeout: float = 60.0
+    client_body_timeout: float = 60.0
+    keepalive_timeout: float = 75.0
+    redis: Optional[str] = None
+    clients: list = field(default_factory=list)
     providers: dict = field(default_factory=dict)   # name -> checked dict (has "type")
     aliases: dict = field(default_factory=dict)     # name -> [full model names]
     raw: dict = field(default_factory=dict)
@@ -91,7 +109,7 @@ def key_list(value, file, path) -> list:
     raise ConfigError(file, path, "must be a list of strings or a comma-separated string")
 
 
-def _num(d, key, file, path, default, minimum=None, kind=float):
+def number(d, key, file, path, default, minimum=None, kind=float):
     v = d.get(key, default)
     if v is None:
         return default
@@ -105,33 +123,66 @@ def _num(d, key, file, path, default, minimum=None, kind=float):
     return kind(v)
 
 
-_OPTION_KINDS = {**dict.fromkeys(FLOAT_OPTIONS, float), **dict.fromkeys(INT_OPTIONS, int), "stop": list}
+def check_keys(d: dict, known, file: str, path: str) -> None:
+    """Refuse a key the section does not declare, naming the nearest declared one."""
+    for k in d:
+        if k in known:
+            continue
+        where = f"{path}.{k}" if path else str(k)
+        near = difflib.get_close_matches(str(k), sorted(known), n=1)
+        hint = f"; did you mean `{near[0]}`?" if near else f" (known keys: {', '.join(sorted(known))})"
+        raise ConfigError(file, where, "unknown key" + hint)
 
 
-def check_model_options(opts, file: str, path: str) -> None:
-    """A local model's default `options:` (as Ollama's Modelfile PARAMETER lines)."""
-    if opts is None:
-        return
-    if not isinstance(opts, dict):
-        raise ConfigError(file, path, "must be a mapping of option name to value")
-    for k, v in opts.items():
-        kind = _OPTION_KINDS.get(k)
-        if kind is None:
-            raise ConfigError(file, f"{path}.{k}", f"unknown option (known: {', '.join(sorted(_OPTION_KINDS))})")
-        if kind is list:
-            if not (isinstance(v, list) and all(isinstance(x, str) for x in v)):
-                raise ConfigError(file, f"{path}.{k}", "must be a list of strings")
-        elif isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and v != int(v)):
-            raise ConfigError(file, f"{path}.{k}", f"must be {'an integer' if kind is int else 'a number'}, got {v!r}")
+def usage_db_value(value, file: str):
+    """server.usage_db: a SQLite file path or sqlite:///path; other URL schemes refused."""
+    if value in (None, "", False) or str(value).lower() in ("false", "off", "none"):
+        return None
+    if not isinstance(value, str):
+        raise ConfigError(file, "server.usage_db", "must be a SQLite file path, sqlite:///path or \"\" (off)")
+    m = _SCHEME.match(value)
+    if m and m.group(1).lower() not in dict(USAGE_DB_SCHEMES):
+        forms = ", ".join(["a SQLite file path"] + [form for _, form in USAGE_DB_SCHEMES])
+        raise ConfigError(file, "server.usage_db",
+                          f"{m.group(1)}:// is not supported by this build (supported: {forms})")
+    if m and m.group(1).lower() == "sqlite" and (not value.lower().startswith("sqlite:///")
+                                                 or not value[len("sqlite:///"):].strip("/")):
+        raise ConfigError(file, "server.usage_db",
+                          "sqlite URLs are sqlite:///relative/path or sqlite:////absolute/path")
+    return value
+
+
+def check_clients(value, file: str) -> list:
+    """server.clients: [{name, key, models, rpm, tpm, max_parallel, tokens_per_day}]."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise ConfigError(file, "server.clients", "must be a list of {name, key, models, ...} mappings")
+    for i, c in enumerate(value):
+        path = f"server.clients[{i}]"
+        if not isinstance(c, dict):
+            raise ConfigError(file, path, "must be a mapping with name, key, models, ...")
+        check_keys(c, CLIENT_KEYS, file, path)
+        if not isinstance(c.get("key"), str) or not c["key"].strip():
+            raise ConfigError(file, f"{path}.key", "must be a non-empty string (the client's bearer key)")
+        register_secret(c["key"])
+        if c.get("name") is not None and not isinstance(c["name"], str):
+            raise ConfigError(file, f"{path}.name", "must be a string")
+        key_list(c.get("models"), file, f"{path}.models")
+        for k in ("rpm", "tpm", "max_parallel", "tokens_per_day"):
+            number(c, k, file, path, None, 0, int)
+    return list(value)
 
 
 def literal_secrets(raw: dict) -> list:
-    """Dotted paths of api_keys settings written literally instead of as ${VAR}."""
+    """Dotted paths of key settings written literally instead of as ${VAR}."""
     out = []
     server = raw.get("server") if isinstance(raw.get("server"), dict) else {}
     providers = raw.get("providers") if isinstance(raw.get("providers"), dict) else {}
     places = [("server.api_keys", server.get("api_keys"))]
     places += [(f"providers.{n}.api_keys", p.get("api_keys")) for n, p in providers.items() if isinstance(p, dict)]
+    clients = server.get("clients") if isinstance(server.get("clients"), list) else []
+    places += [(f"server.clients[{i}].key", c.get("key")) for i, c in enumerate(clients) if isinstance(c, dict)]
     for where, value in places:
         values = value if isinstance(value, list) else [value]
         if any(isinstance(v, str) and v.strip() and "${" not in v for v in values):
@@ -160,6 +211,7 @@ def build_settings(raw, file: str = "<dict>", env=None) -> Settings:
     env = os.environ if env is None else env
     if not isinstance(raw, dict):
         raise ConfigError(file, "(top level)", "must be a mapping with server/providers/aliases")
+    check_keys(raw, TOP_KEYS, file, "")
     for where in literal_secrets(raw):
         log.warning("config %s: %s holds keys written into the file; prefer ${VAR} from the "
                     "environment so the file can be shared and committed", file, where)
@@ -169,8 +221,9 @@ def build_settings(raw, file: str = "<dict>", env=None) -> Settings:
     server = {} if server is None else server
     if not isinstance(server, dict):
         raise ConfigError(file, "server", "must be a mapping")
+    check_keys(server, SERVER_KEYS, file, "server")
     s.host = str(server.get("host", s.host))
-    s.port = int(_num(server, "port", file, "server", s.port, 0, int))
+    s.port = int(number(server, "port", file, "server", s.port, 0, int))
     if s.port > 65535:
         raise ConfigError(file, "server.port", "must be at most 65535")
     s.api_keys = key_list(server.get("api_keys"), file, "server.api_keys")
@@ -178,12 +231,21 @@ def build_settings(raw, file: str = "<dict>", env=None) -> Settings:
         register_secret(k)
     s.cors_origins = key_list(server.get("cors_origins"), file, "server.cors_origins")
     s.allowed_hosts = key_list(server.get("allowed_hosts"), file, "server.allowed_hosts")
-    s.max_body_mb = _num(server, "max_body_mb", file, "server", 10.0, 0.001)
-    s.heartbeat = _num(server, "heartbeat", file, "server", 10.0, 0.0)
+    s.max_body_mb = number(server, "max_body_mb", file, "server", 10.0, 0.001)
+    s.heartbeat = number(server, "heartbeat", file, "server", 10.0, 0.0)
+    for key in ("client_header_timeout", "client_body_timeout", "keepalive_timeout"):
+        setattr(s, key, number(server, key, file, "server", getattr(s, key), 0.0))
     s.log_prompts = bool(server.get("log_prompts", False))
     s.log_level = str(server.get("log_level", "INFO")).upper()
-    s.usage_db = server.get("usage_db")
+    s.usage_db = usage_db_value(server.get("usage_db"), file)
     s.version = str(server.get("version", s.version))
+    redis = server.get("redis")
+    if redis not in (None, ""):
+        m = _SCHEME.match(redis) if isinstance(redis, str) else None
+        if not m or m.group(1).lower() not in REDIS_SCHEMES:
+            raise ConfigError(file, "server.redis", "must be a redis://, rediss:// or unix:// URL")
+        s.redis = redis
+    s.clients = check_clients(server.get("clients"), file)
 
     providers = raw.get("providers")
     providers = {} if providers is None else providers
@@ -197,43 +259,11 @@ def build_settings(raw, file: str = "<dict>", env=None) -> Settings:
             raise ConfigError(file, path, "must be a mapping")
         ptype = p.get("type")
         if ptype not in KNOWN_TYPES:
-            raise ConfigError(file, f"{path}.type", f"must be one of {', '.join(KNOWN_TYPES)}, got {ptype!r}")
-        p = dict(p)
-        for key in ("timeout", "idle_timeout", "cooldown", "auth_cooldown", "connect_timeout"):
-            if key in p:
-                p[key] = _num(p, key, file, path, None, 0.0)
-        if p.get("headers") is not None and not isinstance(p["headers"], dict):
-            raise ConfigError(file, f"{path}.headers", "must be a mapping of header name to value")
-        if ptype != "local":
-            if not p.get("base_url") or not str(p["base_url"]).startswith(("http://", "https://")):
-                raise ConfigError(file, f"{path}.base_url", "must be an http(s) URL")
-            p["api_keys"] = key_list(p.get("api_keys"), file, f"{path}.api_keys")
-            for k in p["api_keys"]:
-                register_secret(k)
-            models = p.get("models") or []
-            if not isinstance(models, list) or not all(isinstance(m, (str, int, float)) for m in models):
-                raise ConfigError(file, f"{path}.models", "must be a list of model ids")
-            p["models"] = [str(m) for m in models]
-        else:
-            models = p.get("models") or {}
-            if not isinstance(models, dict):
-                raise ConfigError(file, f"{path}.models", "must be a mapping of model name to {path|package: ...}")
-            for mname, m in models.items():
-                mpath = f"{path}.models.{mname}"
-                if not isinstance(m, dict) or not (m.get("path") or m.get("package")):
-                    raise ConfigError(file, mpath, "needs path: (a .gguf file) or package: (a PyPI package shipping one)")
-                check_model_options(m.get("options"), file, f"{mpath}.options")
-            if "memory_budget" in p:
-                p["memory_budget_bytes"] = parse_size(p.get("memory_budget"), file, f"{path}.memory_budget")
-            for key in ("max_loaded_models", "max_queue"):
-                if key in p:
-                    p[key] = int(_num(p, key, file, path, 0, 0, int))
-            if "keep_alive" in p:
-                from gateway.durations import parse_keep_alive
-                try:
-                    p["keep_alive_seconds"] = parse_keep_alive(p["keep_alive"])
-                except ValueError as e:
-                    raise ConfigError(file, f"{path}.keep_alive", str(e))
+            near = difflib.get_close_matches(str(ptype), KNOWN_TYPES, n=1)
+            hint = f"; did you mean `{near[0]}`?" if near else ""
+            raise ConfigError(file, f"{path}.type", f"must be one of {', '.join(KNOWN_TYPES)}, got {ptype!r}{hint}")
+        # The type owns its section: its class declares the keys and checks the values.
+        p = config_class(ptype).check_config(p, file, path)
         p["type"] = ptype
         s.providers[name] = p
 
@@ -246,7 +276,7 @@ def build_settings(raw, file: str = "<dict>", env=None) -> Settings:
         if isinstance(targets, str):
             targets = [targets]
         if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
-            raise ConfigError(file, path, "must be a non-empty list of <provider>:<model> names")
+            raise ConfigError(file, path, "must be a <provider>:<model> name or a non-empty list of them")
         for t in targets:
             prov = t.split(":", 1)[0]
             if ":" not in t or prov not in s.providers:

@@ -16,9 +16,9 @@ import requests
 from gateway.canonical import ChatRequest, Chunk, ModelCard
 from gateway.errors import UpstreamFailed, scrub
 from providers import anthropic_wire as wire
-from providers.openai_compat import _gather as gather
+from providers.anthropic_config import AnthropicConfig
 from providers.remote import (PASS, ROTATE_AUTH, ROTATE_RATE, ROTATE_TRANSIENT, RemoteProvider,
-                              UpstreamHTTPError, parse_retry_after)
+                              UpstreamHTTPError, gather, parse_retry_after)
 
 _STARTED = time.time()
 CONTEXT_LENGTH = 200000
@@ -26,7 +26,7 @@ OVERLOADED_REST = 5.0            # seconds a key rests after a 529 (the service,
 _BILLING = ("credit balance", "billing")
 
 
-class AnthropicProvider(RemoteProvider):
+class AnthropicProvider(RemoteProvider, AnthropicConfig):
     type_name = "anthropic"
 
     def __init__(self, name: str, cfg: dict, settings=None):
@@ -40,11 +40,14 @@ class AnthropicProvider(RemoteProvider):
     # ---- discovery ------------------------------------------------------------------------
     def _card(self, uid: str) -> ModelCard:
         full = f"{self.name}:{uid}"
-        return ModelCard(name=full, provider=self.name, upstream_id=uid, size=0,
-                         digest=hashlib.sha256(full.encode()).hexdigest(), modified_at=_STARTED,
-                         format="api", family="claude", families=["claude"],
-                         context_length=CONTEXT_LENGTH,
-                         capabilities=["completion", "tools", "vision", "thinking"])
+        return self.with_context_length(ModelCard(
+            name=full, provider=self.name, upstream_id=uid, size=0,
+            digest=hashlib.sha256(full.encode()).hexdigest(), modified_at=_STARTED,
+            format="api", family="claude", families=["claude"],
+            capabilities=["completion", "tools", "vision", "thinking"]))
+
+    def default_context_length(self, uid: str) -> Optional[int]:
+        return CONTEXT_LENGTH
 
     def models(self) -> list:
         return [self._card(uid) for uid in self.model_ids]

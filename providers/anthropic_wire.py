@@ -10,7 +10,8 @@ import json
 from typing import Iterator, Optional
 
 from gateway.canonical import ChatRequest, Chunk, Message, ToolCall
-from providers.openai_wire import parse_arguments, sniff_mime
+from gateway.tool_calls import arguments_from_output, pair_tool_results
+from providers.openai_wire import sniff_mime
 
 DEFAULT_MAX_TOKENS = 4096
 MIN_BUDGET = 1024                 # Anthropic's smallest thinking budget
@@ -28,28 +29,24 @@ def _user_blocks(m: Message) -> list:
     return blocks
 
 
-def _assistant_blocks(m: Message, ids: list, n: list) -> list:
+def _assistant_blocks(m: Message) -> list:
     blocks = []
     # Unsigned thinking (another model's) cannot go back: Anthropic checks the signature.
     if m.thinking and m.thinking_signature:
         blocks.append({"type": "thinking", "thinking": m.thinking, "signature": m.thinking_signature})
     if m.content:
         blocks.append({"type": "text", "text": m.content})
-    for tc in m.tool_calls:
-        n[0] += 1
-        tid = tc.id or f"toolu_gw_{n[0]}"
-        ids.append((tid, tc.name))
-        blocks.append({"type": "tool_use", "id": tid, "name": tc.name,
-                       "input": tc.arguments if isinstance(tc.arguments, dict) else parse_arguments(tc.arguments)})
+    for tc in m.tool_calls:      # ids: pair_tool_results gave every call one
+        blocks.append({"type": "tool_use", "id": tc.id, "name": tc.name,
+                       "input": tc.arguments if isinstance(tc.arguments, dict) else arguments_from_output(tc.arguments)})
     return blocks
 
 
 def to_messages(messages: list) -> tuple:
     """(system text, [messages]) with turns merged so that roles alternate."""
     system, out = [], []
-    pending: list = []            # (id, name) of the last assistant turn's calls not yet answered
-    n = [0]
     leading = True
+    answerable: set = set()       # ids of the last assistant turn's calls
 
     def add(role: str, blocks: list):
         if not blocks:
@@ -57,15 +54,15 @@ def to_messages(messages: list) -> tuple:
         if out and out[-1]["role"] == role:
             if role == "user":
                 # tool results must come first in a user turn
-                results = [b for b in out[-1]["content"] + blocks if b["type"] == "tool_result"]
-                rest = [b for b in out[-1]["content"] + blocks if b["type"] != "tool_result"]
-                out[-1]["content"] = results + rest
+                merged = out[-1]["content"] + blocks
+                out[-1]["content"] = ([b for b in merged if b["type"] == "tool_result"]
+                                      + [b for b in merged if b["type"] != "tool_result"])
             else:
                 out[-1]["content"].extend(blocks)
         else:
             out.append({"role": role, "content": list(blocks)})
 
-    for m in messages:
+    for m in pair_tool_results(messages):
         if m.role == "system":
             if leading:
                 system.append(m.content)
@@ -74,19 +71,15 @@ def to_messages(messages: list) -> tuple:
             continue
         leading = False
         if m.role == "assistant":
-            pending = []
-            add("assistant", _assistant_blocks(m, pending, n))
+            answerable = {tc.id for tc in m.tool_calls}
+            add("assistant", _assistant_blocks(m))
         elif m.role == "tool":
-            tid = m.tool_call_id
-            match = next((p for p in pending if p[0] == tid), None) if tid else None
-            if match is None:   # by name, then by position
-                match = next((p for p in pending if p[1] == m.tool_name), None) or (pending[0] if pending else None)
-            if match is None:
+            if m.tool_call_id not in answerable:
                 # no call to answer: Anthropic would refuse a dangling tool_result
                 add("user", [{"type": "text", "text": m.content or "(empty tool result)"}])
                 continue
-            pending.remove(match)
-            block = {"type": "tool_result", "tool_use_id": match[0], "content": m.content or ""}
+            answerable.discard(m.tool_call_id)
+            block = {"type": "tool_result", "tool_use_id": m.tool_call_id, "content": m.content or ""}
             if m.images:
                 block["content"] = ([{"type": "text", "text": m.content}] if m.content else []) + _user_blocks(
                     Message(role="user", images=m.images))
@@ -196,7 +189,7 @@ def chunks(events) -> Iterator[Chunk]:
             b = blocks.pop(ev.get("index"), None)
             if b is not None:
                 raw = "".join(b["json"])
-                args = parse_arguments(raw) if raw else (b["input"] if isinstance(b["input"], dict) else {})
+                args = arguments_from_output(raw if raw else b["input"])
                 yield Chunk(tool_calls=[ToolCall(name=b["name"], arguments=args, id=b["id"], index=calls)])
                 calls += 1
         elif kind == "message_start":

@@ -11,6 +11,10 @@ A provider is built from its YAML section (`name`, `cfg` dict) and offers:
   loaded()            -> [LoadedModel]         /api/ps
   health()            -> dict                  /health/ready, never a key
   close()
+
+Config: each class declares the YAML keys of its section in `config_keys` (a subclass adds
+its own to its base's) and checks them in the classmethod `check_config`; an undeclared key
+is a config error. That check lives in a light class per type (providers/__init__.py).
 """
 from __future__ import annotations
 
@@ -18,10 +22,23 @@ from typing import Iterator, Optional
 
 from gateway.canonical import ChatRequest, Chunk, EmbedRequest, EmbedResult, ModelCard
 from gateway.errors import BadRequest
+from gateway.settings import check_keys
 
 
 class Provider:
     type_name = "base"
+    # YAML keys of this type's section; subclasses extend it. Each key declared once.
+    config_keys = frozenset({"type"})
+    # True: this type holds per-process state a second worker would duplicate (loaded
+    # models), so gunicorn.conf.py defaults to one worker when it is configured.
+    single_worker = False
+
+    @classmethod
+    def check_config(cls, cfg: dict, file: str, path: str) -> dict:
+        """The section checked and normalised (what __init__ gets as `cfg`); raises
+        ConfigError naming the key path. Subclasses call this first, then check values."""
+        check_keys(cfg, cls.config_keys, file, path)
+        return dict(cfg)
 
     def __init__(self, name: str, cfg: dict, settings=None):
         self.name = name

@@ -19,9 +19,10 @@ from urllib.parse import quote
 from gateway.canonical import (ChatRequest, Chunk, EmbedRequest, EmbedResult, ModelCard,
                                ToolCall)
 from gateway.errors import BadRequest, Passthrough, UpstreamFailed
+from gateway.tool_calls import new_call_id
 from providers import gemini_wire as wire
 from providers.remote import (PASS, ROTATE_AUTH, ROTATE_RATE, RemoteProvider, UpstreamHTTPError,
-                              parse_retry_after)
+                              gather, parse_retry_after)
 
 log = logging.getLogger("gateway.upstream")
 
@@ -65,12 +66,14 @@ class GeminiProvider(RemoteProvider):
             caps = ["completion", "tools", "vision"]
             if wire.supports_thinking(uid):
                 caps.append("thinking")
-        return ModelCard(name=full, provider=self.name, upstream_id=uid, size=0,
-                         digest=hashlib.sha256(full.encode()).hexdigest(),
-                         modified_at=MODIFIED_AT, format="api", family="gemini",
-                         families=["gemini"], parameter_size="", quantization_level="",
-                         context_length=None if embedding else CONTEXT_LENGTH,
-                         capabilities=caps)
+        return self.with_context_length(ModelCard(
+            name=full, provider=self.name, upstream_id=uid, size=0,
+            digest=hashlib.sha256(full.encode()).hexdigest(),
+            modified_at=MODIFIED_AT, format="api", family="gemini", families=["gemini"],
+            parameter_size="", quantization_level="", capabilities=caps))
+
+    def default_context_length(self, uid: str) -> Optional[int]:
+        return None if "embedding" in uid.lower() else CONTEXT_LENGTH
 
     # ---- chat -------------------------------------------------------------------------------
     def chat(self, req: ChatRequest, upstream_id: str) -> Iterator[Chunk]:
@@ -81,7 +84,7 @@ class GeminiProvider(RemoteProvider):
         # a refused request before it has committed to a response status.
         body = wire.build_generate_body(req, uid, self._remembered)
         try:
-            resp = self._send_chat(uid, body, req.stream)
+            resp = self._send_chat(uid, body)
         except Passthrough as e:
             # A replayed signature can be refused (another key's project, a memory hit from
             # another conversation). The documented placeholder is always accepted, so one
@@ -91,20 +94,19 @@ class GeminiProvider(RemoteProvider):
                 raise
             log.info("provider=%s thought signature refused; retrying with placeholders",
                      self.name)
-            resp = self._send_chat(uid, wire.build_generate_body(req, uid, None), req.stream)
+            resp = self._send_chat(uid, wire.build_generate_body(req, uid, None))
         try:
-            events = self.sse_json(resp) if req.stream else [self._json_body(resp)]
-            yield from self._translate(events)
+            chunks = self._translate(self.sse_json(resp))
+            yield from (chunks if req.stream else gather(chunks))
         finally:
             # Runs on generator.close() too: a client that disconnects frees the upstream.
             resp.close()
 
-    def _send_chat(self, uid: str, body: dict, stream: bool):
-        path = _model_path(uid)
-        if stream:
-            return self.send("POST", path + ":streamGenerateContent", body, stream=True,
-                             params={"alt": "sse"})
-        return self.send("POST", path + ":generateContent", body)
+    def _send_chat(self, uid: str, body: dict):
+        # Streamed upstream also for a non-streaming client (gathered): `timeout` bounds
+        # the first byte, and generateContent sends none until a long thinking answer ends.
+        return self.send("POST", _model_path(uid) + ":streamGenerateContent", body, stream=True,
+                         params={"alt": "sse"})
 
     def _translate(self, events) -> Iterator[Chunk]:
         finish, usage, emitted, n_calls = None, None, False, 0
@@ -120,7 +122,7 @@ class GeminiProvider(RemoteProvider):
                 usage = p.usage          # cumulative: the last one is the total
             calls = []
             for name, args, upstream_id, sig in p.calls:
-                call_id = wire.encode_call_id(upstream_id or wire.new_call_id(), sig)
+                call_id = wire.encode_call_id(upstream_id or new_call_id(), sig)
                 if sig:
                     self._remember(call_id, name, args, sig)
                 calls.append(ToolCall(name=name, arguments=args, id=call_id, index=n_calls,
@@ -145,12 +147,6 @@ class GeminiProvider(RemoteProvider):
         yield Chunk(done=True, done_reason=reason,
                     prompt_tokens=usage[0] if usage else None,
                     completion_tokens=usage[1] if usage else None)
-
-    def _json_body(self, resp):
-        try:
-            return resp.json()
-        except ValueError:
-            raise UpstreamHTTPError(f"{self.name}: upstream answered malformed JSON")
 
     # ---- thought-signature memory -------------------------------------------------------------
     def _remember(self, call_id: str, name: str, args: dict, sig: str) -> None:

@@ -10,11 +10,11 @@ import datetime
 import json
 import math
 import re
-import secrets
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from gateway.canonical import ChatRequest, Message, ToolCall
+from gateway.tool_calls import arguments_from_output, pair_tool_results
 from providers.schema_sanitize import sanitize_schema
 
 # Google documents this value as "skip validation" for function calls whose signature was
@@ -45,10 +45,6 @@ _MARK = "_ts_"
 _STD_B64 = re.compile(r"^[A-Za-z0-9+/]+={0,2}$")
 _ID_SIG = re.compile(r"^.*?" + _MARK + r"([A-Za-z0-9_-]+)$")
 MAX_SIG_IN_ID = 16384
-
-
-def new_call_id() -> str:
-    return "call_" + secrets.token_hex(4)
 
 
 def encode_call_id(base: str, signature: Optional[str]) -> str:
@@ -118,8 +114,6 @@ def build_contents(messages: list, remembered: Optional[Callable[[ToolCall], Opt
     remembered=None: send no real signature, the placeholder on every call (the retry after
     Gemini rejected a signature we replayed)."""
     system, contents = [], []
-    names_by_id: dict = {}
-    unanswered: list = []                 # names of the last assistant turn's calls, in order
 
     def add(role: str, parts: list):
         if contents and contents[-1]["role"] == role:
@@ -127,7 +121,7 @@ def build_contents(messages: list, remembered: Optional[Callable[[ToolCall], Opt
         else:
             contents.append({"role": role, "parts": parts})
 
-    for m in messages:
+    for m in pair_tool_results(messages):
         if m.role == "system":
             if m.content:
                 system.append(m.content)
@@ -135,7 +129,6 @@ def build_contents(messages: list, remembered: Optional[Callable[[ToolCall], Opt
             parts = []
             if m.content:
                 parts.append({"text": m.content})
-            unanswered = []
             for i, tc in enumerate(m.tool_calls):
                 part = {"functionCall": {"name": tc.name, "args": tc.arguments or {}}}
                 sig = None
@@ -147,18 +140,12 @@ def build_contents(messages: list, remembered: Optional[Callable[[ToolCall], Opt
                 if sig or i == 0 or remembered is None:
                     part["thoughtSignature"] = sig or PLACEHOLDER_SIGNATURE
                 parts.append(part)
-                if tc.id:
-                    names_by_id[tc.id] = tc.name
-                unanswered.append(tc.name)
             if parts:
                 add("model", parts)
         elif m.role == "tool":
-            name = m.tool_name or names_by_id.get(m.tool_call_id or "")
-            if not name:
-                name = unanswered[0] if unanswered else "tool"
-            if name in unanswered:
-                unanswered.remove(name)
-            add("user", [{"functionResponse": {"name": name,
+            # Gemini pairs a response with its call by name and order, so the name is the
+            # paired call's; a result with no call to answer keeps the name it came with.
+            add("user", [{"functionResponse": {"name": m.tool_name or "tool",
                                                "response": _tool_response(m.content or "")}}])
         else:
             parts = [{"text": m.content}] if m.content else []
@@ -319,7 +306,7 @@ def parse_response(obj) -> Parsed:
             if isinstance(part.get("functionCall"), dict):
                 fc = part["functionCall"]
                 args = fc.get("args")
-                p.calls.append((str(fc.get("name") or ""), args if isinstance(args, dict) else {},
+                p.calls.append((str(fc.get("name") or ""), arguments_from_output(args),
                                 fc.get("id"), part.get("thoughtSignature")))
             elif isinstance(part.get("text"), str):
                 if part.get("thought"):

@@ -21,7 +21,7 @@ from gateway.errors import UpstreamFailed, scrub
 from providers.openai_wire import (ThinkSplitter, ToolCallAccumulator, error_text,
                                    finish_to_done_reason, reasoning_of, to_body, usage_into)
 from providers.remote import (PASS, ROTATE_AUTH, ROTATE_RATE, ROTATE_TRANSIENT, RemoteProvider,
-                              UpstreamHTTPError, parse_retry_after)
+                              UpstreamHTTPError, gather, parse_retry_after)
 
 _STARTED = time.time()   # remote models have no file date; a stable one keeps lists steady
 _MODERATION_WORDS = ("moderation", "flagged")
@@ -35,11 +35,11 @@ class OpenAIProvider(RemoteProvider):
     def _card(self, uid: str) -> ModelCard:
         full = f"{self.name}:{uid}"
         family = uid.split("/", 1)[0] if "/" in uid else self.name
-        return ModelCard(name=full, provider=self.name, upstream_id=uid, size=0,
-                         digest=hashlib.sha256(full.encode()).hexdigest(),
-                         modified_at=_STARTED, format="api", family=family, families=[family],
-                         parameter_size="", quantization_level="",
-                         capabilities=["completion", "tools"])
+        return self.with_context_length(ModelCard(
+            name=full, provider=self.name, upstream_id=uid, size=0,
+            digest=hashlib.sha256(full.encode()).hexdigest(),
+            modified_at=_STARTED, format="api", family=family, families=[family],
+            parameter_size="", quantization_level="", capabilities=["completion", "tools"]))
 
     def models(self) -> list:
         return [self._card(uid) for uid in self.model_ids]
@@ -85,7 +85,7 @@ class OpenAIProvider(RemoteProvider):
             if req.stream:
                 yield from chunks
             else:
-                yield from _gather(chunks)
+                yield from gather(chunks)
         finally:
             resp.close()
 
@@ -169,20 +169,6 @@ class OpenAIProvider(RemoteProvider):
 
 
 # ---- helpers ----------------------------------------------------------------------------
-def _gather(chunks) -> Iterator[Chunk]:
-    whole = Chunk()
-    for ch in chunks:
-        if ch.done:
-            if whole.content or whole.thinking or whole.tool_calls:
-                yield whole
-            yield ch
-            return
-        whole.content += ch.content
-        whole.thinking += ch.thinking
-        whole.tool_calls.extend(ch.tool_calls)
-        whole.thinking_signature = ch.thinking_signature or whole.thinking_signature
-
-
 def _flush_into(out: Chunk, split: ThinkSplitter, tools: ToolCallAccumulator) -> None:
     content, think = split.flush()
     out.content += content

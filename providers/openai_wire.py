@@ -6,14 +6,16 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 from typing import Optional
 
 from gateway.canonical import ChatRequest, Chunk, Message, ToolCall
+from gateway.errors import BadRequest
+from gateway.tool_calls import arguments_from_output, arguments_text, new_call_id, pair_tool_results
 
 # OpenRouter names efforts minimal/low/medium/high; Ollama's "max" has no upstream peer.
 _EFFORT = {"minimal": "minimal", "low": "low", "medium": "medium", "high": "high",
            "max": "high", "xhigh": "high"}
+_OPENAI_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh")
 _FINISH = {"stop": "stop", "length": "length", "tool_calls": "tool_calls",
            "function_call": "tool_calls", "content_filter": "stop"}
 
@@ -53,26 +55,20 @@ def _user_content(m: Message):
 
 def to_messages(messages: list) -> list:
     out = []
-    ids_by_name: dict = {}   # tool name -> ids of assistant calls not yet answered, in order
-    n = 0
-    for m in messages:
+    for i, m in enumerate(pair_tool_results(messages)):
         if m.role == "assistant" and m.tool_calls:
-            calls = []
-            for tc in m.tool_calls:
-                n += 1
-                cid = tc.id or f"call_{n}"
-                ids_by_name.setdefault(tc.name, []).append(cid)
-                args = tc.arguments if isinstance(tc.arguments, str) else json.dumps(tc.arguments)
-                calls.append({"id": cid, "type": "function",
-                              "function": {"name": tc.name, "arguments": args}})
+            calls = [{"id": tc.id, "type": "function",
+                      "function": {"name": tc.name, "arguments": arguments_text(tc.arguments)}}
+                     for tc in m.tool_calls]
             # null, not "": some backends reject an empty text block next to tool calls.
             out.append({"role": "assistant", "content": m.content or None, "tool_calls": calls})
         elif m.role == "tool":
-            cid = m.tool_call_id
-            if not cid:
-                pending = ids_by_name.get(m.tool_name or "")
-                cid = pending.pop(0) if pending else f"call_{m.tool_name or 'tool'}"
-            out.append({"role": "tool", "tool_call_id": cid, "content": m.content})
+            if not m.tool_call_id:
+                # OpenAI-type upstreams answer 400 to a result that answers no call; say
+                # which message before spending an upstream call on it.
+                raise BadRequest(f"messages[{i}]: a tool result with no tool call to answer "
+                                 "(no preceding assistant message has an unanswered tool call)")
+            out.append({"role": "tool", "tool_call_id": m.tool_call_id, "content": m.content})
         elif m.role == "user":
             out.append({"role": "user", "content": _user_content(m)})
         else:
@@ -92,7 +88,10 @@ def to_body(req: ChatRequest, upstream_id: str) -> dict:
         body["max_tokens"] = o.num_predict
     if o.stop:
         body["stop"] = list(o.stop)
-    if req.format == "json":
+    passed = req.openai_fields
+    if "response_format" in passed:
+        body["response_format"] = passed["response_format"]
+    elif req.format == "json":
         body["response_format"] = {"type": "json_object"}
     elif isinstance(req.format, dict):
         body["response_format"] = {"type": "json_schema", "json_schema": {
@@ -101,25 +100,19 @@ def to_body(req: ChatRequest, upstream_id: str) -> dict:
         body["tools"] = req.tools
     if req.tool_choice is not None:
         body["tool_choice"] = req.tool_choice
-    if req.think:
+    if "reasoning_effort" in passed:
+        # OpenAI's own efforts go as sent; Ollama's extra names get their nearest peer.
+        effort = passed["reasoning_effort"]
+        body["reasoning_effort"] = effort if effort in _OPENAI_EFFORTS else _EFFORT.get(effort, "high")
+    elif "reasoning" in passed:
+        body["reasoning"] = passed["reasoning"]
+    elif req.think:
         level = req.think if isinstance(req.think, str) else "medium"
         body["reasoning"] = {"effort": _EFFORT.get(level.lower(), "medium")}
     return body
 
 
 # ---- OpenAI -> canonical ----------------------------------------------------------------
-def parse_arguments(raw) -> dict:
-    if isinstance(raw, dict):
-        return raw
-    if raw is None or (isinstance(raw, str) and not raw.strip()):
-        return {}
-    try:
-        val = json.loads(raw)
-    except (TypeError, ValueError):
-        return {"_raw": str(raw)}
-    return val if isinstance(val, dict) else {"_raw": str(raw)}
-
-
 def finish_to_done_reason(reason: Optional[str]) -> str:
     return _FINISH.get(reason or "stop", "stop")
 
@@ -151,7 +144,7 @@ class ToolCallAccumulator:
                 cur["name"] = fn["name"]
             a = fn.get("arguments")
             if isinstance(a, dict):
-                cur["args"] = [json.dumps(a)]
+                cur["args"] = [arguments_text(a)]
             elif a:
                 cur["args"].append(str(a))
 
@@ -159,8 +152,8 @@ class ToolCallAccumulator:
         return bool(self._calls)
 
     def take(self) -> list:
-        out = [ToolCall(name=c["name"], arguments=parse_arguments("".join(c["args"])),
-                        id=c["id"], index=i) for i, c in enumerate(self._calls)]
+        out = [ToolCall(name=c["name"], arguments=arguments_from_output("".join(c["args"])),
+                        id=c["id"] or new_call_id(), index=i) for i, c in enumerate(self._calls)]
         self._calls, self._by_index = [], {}
         return out
 

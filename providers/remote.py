@@ -21,10 +21,11 @@ from requests.adapters import HTTPAdapter
 from requests.structures import CaseInsensitiveDict
 
 from gateway import reqctx
+from gateway.canonical import Chunk, ModelCard
 from gateway.http.streaming import more_ready
 from gateway.errors import (BadRequest, GatewayError, Passthrough, RateLimited, UpstreamFailed,
                             UpstreamTimeout, scrub)
-from providers.base import Provider
+from providers.remote_config import RemoteConfig
 from providers.keypool import AUTH, RATE, TRANSIENT, KeyPool
 
 log = logging.getLogger("gateway.upstream")
@@ -54,8 +55,13 @@ class UpstreamHTTPError(UpstreamFailed):
     """Raised inside a stream when the upstream fails after the first byte (502)."""
 
 
-class RemoteProvider(Provider):
-    type_name = "remote"
+# Context length reported for a remote model when neither the model nor the provider sets
+# one: most hosted chat models take at least 32K tokens today, and a client that trims its
+# history to this figure stays within them; a larger upstream limit is set in the config.
+DEFAULT_CONTEXT_LENGTH = 32768
+
+
+class RemoteProvider(RemoteConfig):
 
     def __init__(self, name: str, cfg: dict, settings=None):
         super().__init__(name, cfg, settings)
@@ -68,6 +74,7 @@ class RemoteProvider(Provider):
                             cooldown=float(cfg.get("cooldown", 30)),
                             auth_cooldown=float(cfg.get("auth_cooldown", 3600)))
         self.model_ids = [str(m) for m in (cfg.get("models") or [])]
+        self.context_lengths = dict(cfg.get("context_lengths") or {})
         self.session = requests.Session()
         # Many concurrent streams share one session; never block waiting for a slot.
         adapter = HTTPAdapter(pool_connections=4, pool_maxsize=2048, max_retries=0)
@@ -108,6 +115,23 @@ class RemoteProvider(Provider):
     @property
     def offered(self) -> bool:
         return len(self.pool) > 0
+
+    def default_context_length(self, uid: str) -> Optional[int]:
+        """The type's figure for a model the config gives no context_length."""
+        return DEFAULT_CONTEXT_LENGTH
+
+    def with_context_length(self, card: ModelCard) -> ModelCard:
+        """The model's context length (config per model, then per provider, then the type's
+        default) where clients read it: /api/show model_info["<family>.context_length"]
+        (LlamaIndex, LiteLLM) and /api/tags details."""
+        n = (self.context_lengths.get(card.upstream_id) or self.cfg.get("context_length")
+             or self.default_context_length(card.upstream_id))
+        if n:
+            card.context_length = int(n)
+            family = card.family or self.type_name
+            card.model_info = {"general.architecture": family, f"{family}.context_length": int(n),
+                               **(card.model_info or {})}
+        return card
 
     def health(self) -> dict:
         out = {"type": self.type_name, "offered": self.offered, "last_error": self.last_error_class}
@@ -242,6 +266,23 @@ def _json_loads(data: bytes):
     if end != len(text):
         return json.loads(text)
     return obj
+
+
+def gather(chunks) -> Iterator[Chunk]:
+    """A streamed answer as one chunk plus the final one, for a client that did not ask to
+    stream. Adapters stream upstream even then: `timeout` bounds the wait for the first
+    byte, and a non-streamed upstream answer sends nothing until the generation is done."""
+    whole = Chunk()
+    for ch in chunks:
+        if ch.done:
+            if whole.content or whole.thinking or whole.tool_calls:
+                yield whole
+            yield ch
+            return
+        whole.content += ch.content
+        whole.thinking += ch.thinking
+        whole.tool_calls.extend(ch.tool_calls)
+        whole.thinking_signature = ch.thinking_signature or whole.thinking_signature
 
 
 def read_error_body(resp: requests.Response, limit: int = 65536):

@@ -11,7 +11,11 @@ Behaviour is chosen by the API key (so one server serves every scenario at once)
   trunc...   stream cut in the middle of an event
 Anthropic's /v1/messages (x-api-key): tests/fake_anthropic.py.
 and by the model id:  "chunks-N-D" streams N chunks D ms apart; "missing" → 404;
-"tools" → answers with a tool call; anything else echoes the last user message.
+"tools" / "tools-2" → one / two parallel get_weather calls ("tools-raw": with broken JSON), or, once the conversation ends
+with tool results, "Results: <them, joined by '; '>"; Gemini "slow-MS" sends a first event at
+once and the rest MS ms later (generateContent waits MS ms before answering);
+anything else echoes the last user message.
+Both check tool-call pairing as the real services do (400 with their error shape).
 GET /_stats → {"requests": {key: n}, "open_streams": n, "bodies": [last 20 bodies]}.
 """
 from __future__ import annotations
@@ -119,16 +123,81 @@ def _sse(start, events, delay=0.0, cut_after=None):
     return gen()
 
 
+_CITIES = ("Tokyo", "Paris")
+
+
+def _openai_tool_order_error(messages):
+    """OpenAI's own 400s for tool results that do not answer the calls before them."""
+    def bad(i, text):
+        return {"error": {"message": text, "type": "invalid_request_error",
+                          "param": f"messages.[{i}].role", "code": None}}
+    pending, asked, owner, in_block = set(), [], None, False
+    for i, m in enumerate(list(messages or []) + [{"role": "end"}]):
+        role = m.get("role") if isinstance(m, dict) else None
+        if role == "tool":
+            if not in_block or m.get("tool_call_id") not in asked:
+                return bad(i, "Invalid parameter: messages with role 'tool' must be a response to a "
+                              "preceeding message with 'tool_calls'.")
+            pending.discard(m.get("tool_call_id"))
+            continue
+        if pending:
+            return bad(owner, "An assistant message with 'tool_calls' must be followed by tool messages "
+                              "responding to each 'tool_call_id'. The following tool_call_ids did not have "
+                              "response messages: " + ", ".join(sorted(pending)))
+        in_block = role == "assistant" and bool(m.get("tool_calls"))
+        if in_block:
+            owner, asked = i, [tc.get("id") for tc in m["tool_calls"]]
+            pending = set(asked)
+    return None
+
+
+def _city(arguments):
+    try:
+        return json.loads(arguments).get("city")
+    except (TypeError, ValueError, AttributeError):
+        return None
+
+
+def _tool_results(items):
+    """The tool results that end a conversation as "<what was asked>: <result>" (OpenAI:
+    the city of the call the tool_call_id names; Gemini: the function name)."""
+    last = (items or [{}])[-1]
+    if last.get("role") == "user" and last.get("parts") and all("functionResponse" in p for p in last["parts"]):
+        out = []
+        for p in last["parts"]:
+            r = p["functionResponse"]
+            resp = r.get("response")
+            out.append(f"{r.get('name')}: " + (str(resp["result"]) if list(resp) == ["result"] else json.dumps(resp)))
+        return out
+    asked = {tc.get("id"): _city(tc.get("function", {}).get("arguments"))
+             for m in items or [] for tc in m.get("tool_calls") or []}
+    out = []
+    for m in reversed(items or []):
+        if m.get("role") != "tool":
+            break
+        out.append(f"{asked.get(m.get('tool_call_id'))}: {m.get('content')}")
+    return out[::-1]
+
+
 def openai_chat(body, key, start):
     model = body.get("model", "")
     if model == "missing":
         return _json(start, "404 Not Found", {"error": {"code": 404, "message": f"no model {model}"}})
+    refused = _openai_tool_order_error(body.get("messages"))
+    if refused:
+        return _json(start, "400 Bad Request", refused)
+    results = _tool_results(body.get("messages"))
     pieces, delay = _pieces(model, _last_user(body.get("messages")))
-    usage = {"prompt_tokens": 7, "completion_tokens": len(pieces), "total_tokens": 7 + len(pieces)}
     calls = None
-    if model == "tools":
-        calls = [{"index": 0, "id": "call_1", "type": "function",
-                  "function": {"name": "get_weather", "arguments": '{"city": "Tokyo"}'}}]
+    if model.startswith("tools") and results:
+        pieces = ["Results: ", "; ".join(results)]
+    elif model in ("tools", "tools-2", "tools-raw"):
+        calls = [{"index": i, "id": f"call_up{i}", "type": "function",
+                  "function": {"name": "get_weather", "arguments": json.dumps({"city": c})}}
+                 for i, c in enumerate(_CITIES[:1 if model != "tools-2" else 2])]
+        if model == "tools-raw":      # a model that wrote broken JSON
+            calls[0]["function"]["arguments"] = '{"city": "Tok'
+    usage = {"prompt_tokens": 7, "completion_tokens": len(pieces), "total_tokens": 7 + len(pieces)}
     if not body.get("stream"):
         msg = {"role": "assistant", "content": "".join(pieces) if not calls else ""}
         if calls:
@@ -159,14 +228,43 @@ def openai_chat(body, key, start):
     return _sse(start, events, delay, cut_after=3 if key.startswith("cut") else None)
 
 
+def _gemini_tool_order_error(contents):
+    """Gemini's 400 when a turn of function responses does not answer every call of the turn before."""
+    for prev, cur in zip(contents or [], (contents or [])[1:]):
+        asked = sum("functionCall" in p for p in prev.get("parts", []))
+        answered = sum("functionResponse" in p for p in cur.get("parts", []))
+        if (asked or answered) and asked != answered:
+            return {"error": {"code": 400, "status": "INVALID_ARGUMENT", "message":
+                              "Please ensure that the number of function response parts is equal to "
+                              "the number of function call parts of the function call turn."}}
+    return None
+
+
 def gemini_generate(model, body, stream, key, start):
     if model == "missing":
         return _json(start, "404 Not Found", {"error": {"code": 404, "message": "not found", "status": "NOT_FOUND"}})
+    refused = _gemini_tool_order_error(body.get("contents"))
+    if refused:
+        return _json(start, "400 Bad Request", refused)
+    results = _tool_results(body.get("contents"))
     pieces, delay = _pieces(model, _gemini_user(body.get("contents")))
+    calls = []
+    if model.startswith("tools") and results:
+        pieces = ["Results: ", "; ".join(results)]
+    elif model in ("tools", "tools-2"):
+        calls = [{"functionCall": {"name": "get_weather", "args": {"city": c}}}
+                 for c in _CITIES[:1 if model == "tools" else 2]]
+        pieces = [""]
+    slow = re.fullmatch(r"slow-(\d+)", model)
+    if slow:
+        pieces, delay = ["Echo: ", _gemini_user(body.get("contents"))], int(slow.group(1)) / 1000.0
+        if not stream:
+            gevent.sleep(delay)      # generateContent sends nothing until the answer is whole
     usage = {"promptTokenCount": 5, "candidatesTokenCount": len(pieces), "totalTokenCount": 5 + len(pieces)}
 
     def ev(text, finish=None, with_usage=False):
-        cand = {"content": {"role": "model", "parts": [{"text": text}]}, "index": 0}
+        parts = [{"text": text}] if text or not calls else []
+        cand = {"content": {"role": "model", "parts": parts + (calls if finish else [])}, "index": 0}
         if finish:
             cand["finishReason"] = finish
         out = {"candidates": [cand], "modelVersion": model}

@@ -44,7 +44,7 @@ def test_requests_become_what_anthropic_accepts():
                                   tool_calls=[ToolCall(name="get_weather", arguments={"city": "A"}, id="call_1"),
                                               ToolCall(name="get_weather", arguments={"city": "B"})]),
                           Message(role="tool", content="sunny", tool_name="get_weather"),   # no id: by position
-                          Message(role="tool", content="rain", tool_call_id="toolu_gw_2"),
+                          Message(role="tool", content="rain", tool_call_id="call_2"),
                           Message(role="user", content="thanks"),
                           Message(role="assistant", content="ok", thinking="unsigned thoughts")])
     body = wire.to_body(req, "claude-x")
@@ -56,9 +56,9 @@ def test_requests_become_what_anthropic_accepts():
     assert m[0]["content"][0]["source"]["media_type"] == "image/png"
     assert [b.get("text") for b in m[0]["content"][1:]] == ["hi", "reminder", "more"]
     assert m[1]["content"][0] == {"type": "thinking", "thinking": "hm", "signature": signature("hm")}
-    assert [b["id"] for b in m[1]["content"][1:]] == ["call_1", "toolu_gw_2"]
+    assert [b["id"] for b in m[1]["content"][1:]] == ["call_1", "call_2"]
     assert [(b["type"], b.get("tool_use_id")) for b in m[2]["content"]] == [
-        ("tool_result", "call_1"), ("tool_result", "toolu_gw_2"), ("text", None)]
+        ("tool_result", "call_1"), ("tool_result", "call_2"), ("text", None)]
     assert m[3]["content"] == [{"type": "text", "text": "ok"}]        # unsigned thinking left out
     # the fake's checks are the real API's: this body passes them
     assert check(body, {"anthropic-version": "2023-06-01"}) is None

@@ -88,3 +88,49 @@ def test_upstream_body_receives_translated_fields(client, fake_upstream):
     assert body["stop"] == ["END"] and body["seed"] == 3
     assert body["response_format"] == {"type": "json_object"}
     assert body["messages"][0] == {"role": "system", "content": "sys"}
+
+
+def _sent(client, fake_upstream, **fields):
+    import requests
+    r = client.post("/v1/chat/completions", json={"model": "oai:echo", **fields,
+                                                  "messages": [{"role": "user", "content": "u"}]})
+    assert r.status_code == 200, r.data
+    return requests.get(fake_upstream + "/_stats").json()["bodies"][-1]["body"]
+
+
+@pytest.mark.parametrize("effort", ["none", "minimal", "low", "medium", "high", "xhigh"])
+def test_reasoning_effort_reaches_an_openai_upstream_as_sent(client, fake_upstream, effort):
+    body = _sent(client, fake_upstream, reasoning_effort=effort)
+    assert body["reasoning_effort"] == effort and "reasoning" not in body
+
+
+def test_reasoning_object_reaches_an_openai_upstream_as_sent(client, fake_upstream):
+    reasoning = {"effort": "minimal", "exclude": True}
+    body = _sent(client, fake_upstream, reasoning=reasoning)
+    assert body["reasoning"] == reasoning and "reasoning_effort" not in body
+
+
+def test_json_schema_name_and_strict_reach_an_openai_upstream(client, fake_upstream):
+    rf = {"type": "json_schema", "json_schema": {
+        "name": "weather_report", "strict": True, "description": "d",
+        "schema": {"type": "object", "properties": {"t": {"type": "number"}}, "required": ["t"],
+                   "additionalProperties": False}}}
+    assert _sent(client, fake_upstream, response_format=rf)["response_format"] == rf
+
+
+def test_ollama_think_and_format_still_map_for_an_openai_upstream(client, fake_upstream):
+    import requests
+    schema = {"type": "object", "properties": {"t": {"type": "number"}}}
+    r = client.post("/api/chat", json={"model": "oai:echo", "stream": False, "think": "high", "format": schema,
+                                       "messages": [{"role": "user", "content": "u"}]})
+    assert r.status_code == 200, r.data
+    body = requests.get(fake_upstream + "/_stats").json()["bodies"][-1]["body"]
+    assert body["reasoning"] == {"effort": "high"} and "reasoning_effort" not in body
+    assert body["response_format"]["json_schema"]["schema"] == schema
+
+
+@pytest.mark.parametrize("effort", [["low"], {"a": 1}, 3])
+def test_reasoning_effort_of_the_wrong_type_is_a_400(client, effort):
+    r = client.post("/v1/chat/completions", json={"model": "oai:echo", "reasoning_effort": effort,
+                                                  "messages": [{"role": "user", "content": "u"}]})
+    assert r.status_code == 400 and "reasoning_effort" in r.json["error"]["message"]

@@ -21,7 +21,6 @@ from providers.schema_sanitize import sanitize_schema
 BASE = "https://gemini.test/v1beta"
 K1, K2, K3 = "AIzaKEYONE-1111", "AIzaKEYTWO-2222", "AIzaKEYTHREE-3333"
 STREAM_URL = BASE + "/models/gemini-2.5-flash:streamGenerateContent"
-GEN_URL = BASE + "/models/gemini-2.5-flash:generateContent"
 SIG = base64.b64encode(bytes(range(200))).decode()       # has "+", "/" and padding
 
 
@@ -473,18 +472,18 @@ def test_iter_sse_data_without_read1():
 
 # ---- non-stream --------------------------------------------------------------------------------
 @responses.activate
-def test_non_stream():
-    responses.add(responses.POST, GEN_URL, json=ev(
-        [{"text": "hm", "thought": True}, {"text": "Hi!"},
-         {"functionCall": {"name": "f", "args": {"q": "x"}, "id": "fc-9"}}], "STOP",
-        {"promptTokenCount": 4, "candidatesTokenCount": 3}))
+def test_non_stream_request_streams_upstream_and_gathers():
+    responses.add(responses.POST, STREAM_URL, content_type="text/event-stream", body=sse(
+        ev([{"text": "hm", "thought": True}, {"text": "Hi"}]),
+        ev([{"text": "!"}, {"functionCall": {"name": "f", "args": {"q": "x"}, "id": "fc-9"}}], "STOP",
+           {"promptTokenCount": 4, "candidatesTokenCount": 3})))
     chunks = run(make(), chat_req("x", stream=False))
     assert len(chunks) == 2
     assert (chunks[0].content, chunks[0].thinking) == ("Hi!", "hm")
     assert chunks[0].tool_calls[0].id == "fc-9"
     assert chunks[1].done and chunks[1].done_reason == "stop"
     assert (chunks[1].prompt_tokens, chunks[1].completion_tokens) == (4, 3)
-    assert "alt=" not in responses.calls[0].request.url
+    assert "alt=sse" in responses.calls[0].request.url
 
 
 # ---- embeddings ---------------------------------------------------------------------------------
@@ -696,22 +695,20 @@ def test_embed_rotates_too():
 
 @responses.activate
 def test_non_stream_key_invalid_rotates():
-    # Regression: with stream=False requests drains the body before the attempt loop reads
-    # it; the error details must survive for classify().
     p = make(keys=(K1, K2))
 
     def cb(request):
         if request.headers["x-goog-api-key"] == K1:
             return 400, {}, json.dumps(key_invalid())
-        return 200, {}, json.dumps(ev([{"text": "fine"}], "STOP"))
-    responses.add_callback(responses.POST, GEN_URL, callback=cb)
+        return 200, {"Content-Type": "text/event-stream"}, sse(ev([{"text": "fine"}], "STOP"))
+    responses.add_callback(responses.POST, STREAM_URL, callback=cb)
     assert run(p, chat_req("x", stream=False))[0].content == "fine"
     assert rest_left(p, 0)["reason"] == "auth"
 
 
 @responses.activate
 def test_non_stream_passthrough_keeps_message():
-    responses.add(responses.POST, GEN_URL, status=400,
+    responses.add(responses.POST, STREAM_URL, status=400,
                   json=err_body(400, "INVALID_ARGUMENT", "Invalid JSON payload received."))
     with pytest.raises(Passthrough, match="Invalid JSON payload"):
         run(make(), chat_req("x", stream=False))

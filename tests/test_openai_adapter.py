@@ -127,30 +127,54 @@ def test_messages_system_user_images():
     assert msgs[3] == {"role": "assistant", "content": "a cat"}
 
 
-def test_messages_tool_calls_and_results():
+def test_tool_results_pair_by_id_then_name_then_position():
     req = ChatRequest(model="x", messages=[
         Message(role="user", content="weather?"),
         Message(role="assistant", tool_calls=[
             ToolCall(name="get_weather", arguments={"city": "Tokyo"}),
             ToolCall(name="get_weather", arguments={"city": "Oslo"}, id="call_given"),
             ToolCall(name="get_time", arguments={})]),
+        Message(role="tool", content="2 C", tool_call_id="call_given"),
         Message(role="tool", content="11 C", tool_name="get_weather"),
-        Message(role="tool", content="2 C", tool_name="get_weather"),
-        Message(role="tool", content="noon", tool_call_id="explicit"),
-        Message(role="tool", content="?", tool_name="unknown_tool")])
+        Message(role="tool", content="noon", tool_call_id="unknown-id")])
     msgs = to_body(req, "m")["messages"]
     a = msgs[1]
     assert a["role"] == "assistant" and a["content"] is None
     assert a["tool_calls"] == [
         {"id": "call_1", "type": "function",
-         "function": {"name": "get_weather", "arguments": '{"city": "Tokyo"}'}},
+         "function": {"name": "get_weather", "arguments": '{"city":"Tokyo"}'}},
         {"id": "call_given", "type": "function",
-         "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}},
-        {"id": "call_3", "type": "function", "function": {"name": "get_time", "arguments": "{}"}}]
-    assert msgs[2] == {"role": "tool", "tool_call_id": "call_1", "content": "11 C"}
-    assert msgs[3] == {"role": "tool", "tool_call_id": "call_given", "content": "2 C"}
-    assert msgs[4]["tool_call_id"] == "explicit"
-    assert msgs[5]["tool_call_id"] == "call_unknown_tool"
+         "function": {"name": "get_weather", "arguments": '{"city":"Oslo"}'}},
+        {"id": "call_2", "type": "function", "function": {"name": "get_time", "arguments": "{}"}}]
+    assert msgs[2] == {"role": "tool", "tool_call_id": "call_given", "content": "2 C"}
+    assert msgs[3] == {"role": "tool", "tool_call_id": "call_1", "content": "11 C"}
+    # an id that names no call of the assistant message falls back to position
+    assert msgs[4] == {"role": "tool", "tool_call_id": "call_2", "content": "noon"}
+
+
+def test_tool_results_without_ids_answer_the_open_calls_in_order():
+    req = ChatRequest(model="x", messages=[
+        Message(role="user", content="weather?"),
+        Message(role="assistant", tool_calls=[ToolCall(name="w", arguments={"c": "A"}),
+                                              ToolCall(name="w", arguments={"c": "B"})]),
+        Message(role="tool", content="a"), Message(role="tool", content="b"),
+        Message(role="assistant", content="ok"), Message(role="user", content="again"),
+        Message(role="assistant", tool_calls=[ToolCall(name="w", arguments={"c": "C"})]),
+        Message(role="tool", content="c")])
+    msgs = to_body(req, "m")["messages"]
+    ids = [tc["id"] for m in msgs for tc in m.get("tool_calls") or []]
+    assert ids == ["call_1", "call_2", "call_3"]
+    assert [m["tool_call_id"] for m in msgs if m["role"] == "tool"] == ids
+
+
+def test_tool_result_with_no_call_to_answer_is_a_400_naming_the_message():
+    from gateway.errors import BadRequest
+    req = ChatRequest(model="x", messages=[
+        Message(role="user", content="weather?"),
+        Message(role="assistant", tool_calls=[ToolCall(name="w", arguments={})]),
+        Message(role="tool", content="a"), Message(role="tool", content="extra")])
+    with pytest.raises(BadRequest, match=r"messages\[3\]"):
+        to_body(req, "m")
 
 
 def test_options_format_tools_think():

@@ -136,3 +136,15 @@ def test_v1_error_shapes_for_key_faults(make_app, fake_upstream):
     r = c.post("/v1/chat/completions", json={"model": "oai:echo", **PROMPT})
     assert r.status_code == 429 and r.json["error"]["type"] == "rate_limit_error"
     assert "Retry-After" in r.headers
+
+
+@pytest.mark.parametrize("provider", ["gem", "oai"])
+def test_non_streamed_answer_longer_than_the_timeout_succeeds(make_app, fake_upstream, provider):
+    # The first byte comes at once, the answer ends after more than `timeout`: a
+    # non-streaming client must still get it (adapters stream upstream and gather).
+    client = app_with_keys(make_app, fake_upstream, ["ok-long"], provider=provider, timeout=1.0)
+    model = f"{provider}:slow-1500" if provider == "gem" else f"{provider}:chunks-3-700"
+    r = client.post("/api/chat", json={"model": model, "stream": False, **PROMPT})
+    assert r.status_code == 200, r.data
+    expected = "Echo: fault" if provider == "gem" else "tok0 tok1 tok2 "
+    assert r.get_json()["message"]["content"] == expected

@@ -10,6 +10,7 @@ from gateway.canonical import ChatRequest, Chunk, Message, ToolCall
 from gateway.errors import BadRequest
 from gateway.http.common import get_bool, get_model, get_number, strip_data_url
 from gateway.http.ollama_wire import dumps
+from gateway.tool_calls import arguments_from_request
 
 # Anthropic's error types by HTTP status (their API answers overloaded as 529).
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
@@ -112,13 +113,13 @@ def _message(m, i: int, names: dict) -> list:
         elif btype == "image":
             images.append(_image(b, bf))
         elif btype == "tool_use" and role == "assistant":
-            tid, name, args = b.get("id"), b.get("name"), b.get("input")
+            tid, name = b.get("id"), b.get("name")
             if not isinstance(tid, str) or not isinstance(name, str) or not name:
                 raise _bad(bf, "a tool_use block needs an id and a name")
-            if args is None:
-                args = {}
-            if not isinstance(args, dict):
+            args = b.get("input")
+            if isinstance(args, str):
                 raise _bad(f"{bf}.input", "expected an object")
+            args = arguments_from_request(args, f"{bf}.input")
             names[tid] = name
             calls.append(ToolCall(name=name, arguments=args, id=tid, index=len(calls)))
         elif btype == "tool_result" and role == "user":

@@ -7,6 +7,7 @@ import json
 from gateway.canonical import ChatRequest, Message, ToolCall
 from gateway.durations import rfc3339
 from gateway.errors import BadRequest
+from gateway.tool_calls import arguments_from_request, new_call_id
 from gateway.http.common import (get_bool, get_model, get_str, parse_format, parse_keep_alive_field,
                                  parse_options, parse_think, parse_tools, strip_data_url)
 
@@ -45,16 +46,7 @@ def _tool_calls(value, field):
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
             raise BadRequest(f'invalid value for field "{field}[{i}]": expected '
                              '{"function": {"name": ..., "arguments": {...}}}')
-        args = fn.get("arguments")
-        if isinstance(args, str):
-            try:
-                args = json.loads(args) if args.strip() else {}
-            except ValueError:
-                args = {"_raw": args}
-        if args is None:
-            args = {}
-        if not isinstance(args, dict):
-            raise BadRequest(f'invalid value for field "{field}[{i}].function.arguments": expected an object')
+        args = arguments_from_request(fn.get("arguments"), f"{field}[{i}].function.arguments")
         idx = fn.get("index", i)
         out.append(ToolCall(name=fn["name"], arguments=args,
                             id=tc.get("id") if isinstance(tc.get("id"), str) else None,
@@ -130,8 +122,8 @@ def generate_request(body: dict) -> ChatRequest:
 
 
 def tool_calls_out(calls) -> list:
-    return [{"id": tc.id, "function": {"index": tc.index, "name": tc.name, "arguments": tc.arguments}}
-            if tc.id else {"function": {"index": tc.index, "name": tc.name, "arguments": tc.arguments}}
+    return [{"id": tc.id or new_call_id(),
+             "function": {"index": tc.index, "name": tc.name, "arguments": tc.arguments}}
             for tc in calls]
 
 
@@ -148,6 +140,8 @@ def digest(card) -> str:
 
 def tag_entry(card) -> dict:
     d = details(card)
+    if card.context_length:        # Ollama 0.30+: clients read the context length here
+        d["context_length"] = int(card.context_length)
     entry = {"name": card.name, "model": card.name, "modified_at": rfc3339(card.modified_at or 0),
              "size": int(card.size or 0), "digest": digest(card), "details": d}
     if card.capabilities:

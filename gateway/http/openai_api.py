@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import json
 import struct
 import time
 import uuid
@@ -18,6 +17,7 @@ from gateway.http.common import (get_bool, get_model, get_number, get_str, parse
                                  read_json_body, run_embed, stop_list, strip_data_url)
 from gateway.http.answer import answer
 from gateway.http.streaming import Tally, drive
+from gateway.tool_calls import arguments_from_request, arguments_text, new_call_id
 
 bp = Blueprint("openai", __name__, url_prefix="/v1")
 SSE = "text/event-stream"
@@ -73,15 +73,10 @@ def _message(m, i) -> Message:
         fn = tc.get("function") if isinstance(tc, dict) else None
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
             raise BadRequest(f'invalid value for field "{f}.tool_calls[{k}]": expected a function call')
-        args = fn.get("arguments")
-        if isinstance(args, str):
-            try:
-                args = json.loads(args) if args.strip() else {}
-            except ValueError:
-                raise BadRequest(f'invalid value for field "{f}.tool_calls[{k}].function.arguments": not valid JSON')
-        if not isinstance(args, dict):
-            args = {"value": args}
-        calls.append(ToolCall(name=fn["name"], arguments=args, id=tc.get("id"), index=k))
+        args = arguments_from_request(fn.get("arguments"), f"{f}.tool_calls[{k}].function.arguments")
+        cid = tc.get("id")
+        calls.append(ToolCall(name=fn["name"], arguments=args, id=cid if isinstance(cid, str) and cid else None,
+                              index=k))
     reasoning = m.get("reasoning") or m.get("reasoning_content")
     return Message(role=role, content=content, images=images, tool_calls=calls,
                    thinking=reasoning if isinstance(reasoning, str) else None,
@@ -123,16 +118,19 @@ def chat_request(body) -> ChatRequest:
         elif rtype == "json_schema":
             schema = (rf.get("json_schema") or {}).get("schema") if isinstance(rf.get("json_schema"), dict) else None
             req.format = parse_format(schema if isinstance(schema, dict) else "json")
+            if isinstance(schema, dict):
+                req.openai_fields["response_format"] = rf
         elif rtype != "text":
             raise BadRequest('invalid value for field "response_format.type": expected text, json_object or json_schema')
-    effort = body.get("reasoning_effort")
+    effort, key = body.get("reasoning_effort"), "reasoning_effort"
     if effort is None and isinstance(body.get("reasoning"), dict):
-        effort = body["reasoning"].get("effort")
+        effort, key = body["reasoning"].get("effort"), "reasoning"
     if effort is not None:
-        if effort not in _EFFORT:
+        if not isinstance(effort, str) or effort not in _EFFORT:
             raise BadRequest(f'invalid value for field "reasoning_effort": {str(effort)[:40]!r} is not one of '
                              + ", ".join(_EFFORT))
         req.think = _EFFORT[effort]
+        req.openai_fields[key] = body[key]
     return _sampling(body, req)
 
 
@@ -149,8 +147,8 @@ def completion_request(body) -> ChatRequest:
 
 # ---- response rendering -----------------------------------------------------------------
 def _tool_calls(calls) -> list:
-    return [{"id": tc.id or f"call_{uuid.uuid4().hex[:8]}", "index": tc.index, "type": "function",
-             "function": {"name": tc.name, "arguments": dumps(tc.arguments)}} for tc in calls]
+    return [{"id": tc.id or new_call_id(), "index": tc.index, "type": "function",
+             "function": {"name": tc.name, "arguments": arguments_text(tc.arguments)}} for tc in calls]
 
 
 def _usage(final: Chunk):

@@ -18,6 +18,7 @@ from gateway.canonical import ChatRequest, Chunk, Message, ToolCall
 from gateway.errors import BadRequest
 from gateway.http.common import get_bool, get_model, get_number, parse_format, strip_data_url
 from gateway.http.ollama_wire import dumps
+from gateway.tool_calls import arguments_from_request, arguments_text
 
 _EFFORT = {"none": False, "minimal": "low", "low": "low", "medium": "medium", "high": "high",
            "xhigh": "max"}
@@ -112,12 +113,7 @@ def _input(items, messages: list) -> None:
             if kind == "custom_tool_call":
                 args = {"input": raw if isinstance(raw, str) else ""}
             else:
-                try:
-                    args = json.loads(raw) if isinstance(raw, str) and raw.strip() else {}
-                except ValueError:
-                    raise _bad(f"{f}.arguments", "not valid JSON")
-                if not isinstance(args, dict):
-                    args = {"value": args}
+                args = arguments_from_request(raw, f"{f}.arguments")
             m = assistant()
             take_thinking(m)
             names[cid] = name
@@ -302,7 +298,7 @@ def call_id(tc: ToolCall) -> str:
 
 def function_item(item_id: str, tc: ToolCall, status="completed") -> dict:
     return {"type": "function_call", "id": item_id, "call_id": call_id(tc), "name": tc.name,
-            "arguments": dumps(tc.arguments) if status == "completed" else "", "status": status}
+            "arguments": arguments_text(tc.arguments) if status == "completed" else "", "status": status}
 
 
 def whole_output(tally) -> list:
@@ -429,7 +425,7 @@ class StreamRenderer:
                 idx, iid = len(self.output), _new_id("fc_")
                 out.append(self._ev("response.output_item.added", {
                     "output_index": idx, "item": function_item(iid, tc, "in_progress")}))
-                args = dumps(tc.arguments)
+                args = arguments_text(tc.arguments)
                 out.append(self._ev("response.function_call_arguments.delta", {
                     "item_id": iid, "output_index": idx, "delta": args}))
                 out.append(self._ev("response.function_call_arguments.done", {

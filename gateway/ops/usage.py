@@ -76,14 +76,16 @@ def _blocking(fn, *args):
 
 
 def db_path(settings) -> Optional[str]:
-    """server.usage_db: absent → the default file; "" / false / null-ish → disabled."""
+    """server.usage_db: absent → the default file; "" / false / null-ish → disabled;
+    sqlite:///path (SQLAlchemy's form: three slashes, then the path) → path."""
     server = settings.raw.get("server") or {}
     if "usage_db" not in server:
         return DEFAULT_PATH
-    value = server.get("usage_db")
-    if value in (None, "", False) or str(value).lower() in ("false", "off", "none"):
+    value = settings.usage_db     # checked by gateway/settings.py (no other scheme gets here)
+    if not value:
         return None
-    return str(value)
+    value = str(value)
+    return value[len("sqlite:///"):] if value.lower().startswith("sqlite:///") else value
 
 
 def _int(v):

