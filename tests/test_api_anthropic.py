@@ -170,7 +170,7 @@ def test_errors_have_anthropics_shape_and_status(gw, fake_upstream):
 def faulty(fake_upstream):
     """One gateway, client keys required, and a provider per upstream failure (the fake
     upstream fails by key)."""
-    cfg = remote_config(fake_upstream, server={"usage_db": "", "heartbeat": 0.5,
+    cfg = remote_config(fake_upstream, server={"usage_db": "", "heartbeat": 0.5, "max_body_mb": 1,
                                                 "api_keys": ["client-key-anthropic"]})
     base = cfg["providers"]["oai"]
     for name, keys in {"rl": ["rl-a1", "rl-a2"], "err": ["err-a1"], "bad": ["bad-a1"],
@@ -194,6 +194,17 @@ def test_upstream_failures_map_to_anthropic_error_types(faulty, provider, status
         client(faulty, api_key=KEY).messages.create(model=f"{provider}:echo", max_tokens=5,
                                                     messages=[{"role": "user", "content": "a"}])
     assert e.value.status_code == status and e.value.body["error"]["type"] == etype
+
+
+def test_gateway_refusals_have_anthropic_types(faulty):
+    big = {"model": "oai:echo", "max_tokens": 5, "messages": [{"role": "user", "content": "x" * (2 << 20)}]}
+    r = post(faulty, big, **{"x-api-key": KEY})
+    assert r.status_code == 413 and r.json()["error"]["type"] == "request_too_large"
+    r = post(faulty, {"model": "oai:echo", "max_tokens": 5, "messages": []}, **{"x-api-key": KEY, "Host": "evil.example"})
+    assert r.status_code == 403 and r.json()["error"]["type"] == "permission_error"
+    assert [wire.error_type(s) for s in (503, 529, 500, 502, 504, 405, 422)] == [
+        "overloaded_error", "overloaded_error", "api_error", "api_error", "api_error",
+        "invalid_request_error", "invalid_request_error"]
 
 
 def test_x_api_key_and_bearer_both_carry_the_client_key(faulty):
@@ -337,3 +348,12 @@ def test_bad_requests_name_the_field(body, field):
     with pytest.raises(BadRequest) as e:
         wire.chat_request({"model": "m", "max_tokens": 5, **body})
     assert field in e.value.message
+
+
+def test_a_thinking_budget_reaches_gemini_within_its_range():
+    from providers import gemini_wire
+    for budget, sent in [(2000, 2000), (31999, 24576)]:
+        req = wire.chat_request({"model": "m", "max_tokens": 40000, "messages": [{"role": "user", "content": "q"}],
+                                 "thinking": {"type": "enabled", "budget_tokens": budget}})
+        body = gemini_wire.build_generate_body(req, "gemini-2.5-flash", None)
+        assert body["generationConfig"]["thinkingConfig"] == {"includeThoughts": True, "thinkingBudget": sent}
