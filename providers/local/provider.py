@@ -283,30 +283,6 @@ class LocalProvider(LocalConfig):
                     log.debug("closing a generation failed", exc_info=True)
             lease.release()
 
-    def count_tokens(self, req: ChatRequest, upstream_id: str) -> Optional[int]:
-        """The prompt's tokens with the model's own template and tokenizer (loads it)."""
-        m = self._require(req.model, upstream_id)
-        if m.embedding:
-            return None
-        try:
-            caps = m.capabilities()
-        except Exception:
-            caps = ["completion"]
-        self._ensure_engine()
-        lease = self.sched.acquire(m, req.keep_alive, req.options.num_ctx)
-        try:
-            eng, info, template = lease.handle, m.info(), m.template
-            if template:
-                tools = req.tools if "tools" in caps else None
-                text, add_bos = self._render(m, info, template, req.messages, tools,
-                                             req.think if "thinking" in caps else None)
-            else:
-                text, add_bos = P.transcript(req.messages), None
-            tokens, _ = lease.call(eng.prepare, text, None, add_bos, [])
-            return len(tokens)
-        finally:
-            lease.release()
-
     def _render(self, m, info, template, msgs, tools, think):
         bos = _token_text(m, "bos")
         eos = _token_text(m, "eos")
@@ -386,6 +362,30 @@ class LocalProvider(LocalConfig):
 
     def queue_depth(self) -> int:
         return self.sched.queue_depth()
+
+    def count_tokens(self, req: ChatRequest, upstream_id: str) -> Optional[int]:
+        """The prompt's tokens with the model's own template and tokenizer (loads it)."""
+        m = self._require(req.model, upstream_id)
+        if m.embedding:
+            return None
+        try:
+            caps = m.capabilities()
+        except Exception:
+            caps = ["completion"]
+        self._ensure_engine()
+        lease = self.sched.acquire(m, req.keep_alive, req.options.num_ctx)
+        try:
+            eng, info, template = lease.handle, m.info(), m.template
+            if template:
+                tools = req.tools if "tools" in caps else None
+                text, add_bos = self._render(m, info, template, req.messages, tools,
+                                             req.think if "thinking" in caps else None)
+            else:
+                text, add_bos = P.transcript(req.messages), None
+            tokens, _ = lease.call(eng.prepare, text, None, add_bos, [])
+            return len(tokens)
+        finally:
+            lease.release()
 
     def health(self) -> dict:
         h = {"type": self.type_name, "offered": True,
