@@ -11,6 +11,7 @@ import requests
 
 from gateway.errors import BadRequest
 from gateway.http import anthropic_wire as wire
+from gateway.http.common import estimate_tokens
 from tests.conftest import Gunicorn, remote_config
 
 pytestmark = pytest.mark.timeout(120)
@@ -119,12 +120,12 @@ def test_sdk_count_tokens_upstream_count_or_estimate(gw):
     # the fake Gemini counts words: the upstream's own count came back, not an estimate
     assert c.messages.count_tokens(model="gem:gemini-2.5-flash", messages=msgs).input_tokens == 4
     est = c.messages.count_tokens(model="oai:echo", messages=msgs, tools=TOOLS).input_tokens
-    assert est == wire.estimate_tokens(wire.chat_request({"model": "m", "messages": msgs, "tools": TOOLS},
+    assert est == estimate_tokens(wire.chat_request({"model": "m", "messages": msgs, "tools": TOOLS},
                                                          count_only=True))
     assert est > c.messages.count_tokens(model="oai:echo", messages=msgs).input_tokens
     # an upstream whose count fails still gets an answer: the estimate
     missing = c.messages.count_tokens(model="gem:missing", messages=msgs).input_tokens
-    assert missing == wire.estimate_tokens(wire.chat_request({"model": "m", "messages": msgs}, count_only=True))
+    assert missing == estimate_tokens(wire.chat_request({"model": "m", "messages": msgs}, count_only=True))
 
 
 def test_claude_code_request_shape_is_accepted(gw):

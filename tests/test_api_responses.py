@@ -229,3 +229,15 @@ def test_bad_requests_name_the_field(body, field):
     with pytest.raises(BadRequest) as e:
         wire.chat_request({"model": "m", **body})
     assert field in e.value.message
+
+
+def test_sdk_input_tokens_count_and_no_stored_responses(gw):
+    from gateway.http.common import estimate_tokens
+    c = client(gw)
+    # the fake Gemini counts words: the upstream's own count, not the estimate
+    assert c.responses.input_tokens.count(model="gem:gemini-2.5-flash", input="three small words").input_tokens == 3
+    n = c.responses.input_tokens.count(model="oai:echo", input="three small words", instructions="sys").input_tokens
+    assert n == estimate_tokens(wire.chat_request({"model": "m", "input": "three small words", "instructions": "sys"}))
+    with pytest.raises(openai.NotFoundError) as e:
+        c.responses.retrieve("resp_123")
+    assert "stores no responses" in e.value.message

@@ -2,7 +2,6 @@
 every provider. Errors as {"type": "error", "error": {type, message}} (gateway.http.render)."""
 from __future__ import annotations
 
-import logging
 import time
 
 from flask import Blueprint, Response, current_app
@@ -10,12 +9,11 @@ from flask import Blueprint, Response, current_app
 from gateway.errors import GatewayError
 from gateway.http import anthropic_wire as wire
 from gateway.http.answer import answer
-from gateway.http.common import read_json_body
+from gateway.http.common import count_input_tokens, read_json_body
 from gateway.http.ollama_wire import dumps
 from gateway.http.streaming import Tally, drive
 
 bp = Blueprint("anthropic", __name__, url_prefix="/v1")
-log = logging.getLogger("gateway.anthropic")
 STREAM_HEADERS = {"X-Accel-Buffering": "no", "Cache-Control": "no-cache"}
 
 
@@ -59,15 +57,7 @@ def messages():
 
 @bp.route("/messages/count_tokens", methods=["POST"])
 def count_tokens():
-    """Exact where the provider can count (local tokenizer, Gemini countTokens,
-    Anthropic's own count), else wire.estimate_tokens."""
+    """Exact where the provider can count, else an estimate (see count_input_tokens)."""
     req = wire.chat_request(read_json_body(), count_only=True)
     _thinking_hint(req)
-    target = state().router.target(req.model)
-    try:
-        n = target.provider.count_tokens(req, target.upstream_id)
-    except GatewayError as e:
-        # Claude Code budgets its context by this answer: an estimate beats a failure
-        log.warning("count_tokens on %s failed (%s); answering an estimate", target.card.name, e.message)
-        n = None
-    return json_response({"input_tokens": int(n) if n is not None else wire.estimate_tokens(req)})
+    return json_response({"input_tokens": count_input_tokens(state(), req)})

@@ -2,7 +2,6 @@
 events and errors out. Pure functions and one small stream renderer, no Flask."""
 from __future__ import annotations
 
-import math
 import uuid
 from json.encoder import encode_basestring as encode_str
 
@@ -229,24 +228,6 @@ def chat_request(body: dict, count_only: bool = False) -> ChatRequest:
     return req
 
 
-# ---- token estimate -------------------------------------------------------------------------
-IMAGE_TOKENS = 1600    # Anthropic's cap for one image at its default size
-
-
-def estimate_tokens(req: ChatRequest) -> int:
-    """For upstreams without a count: ~4 UTF-8 bytes per token over every text, tool
-    definition and tool call, plus a few tokens of framing per message."""
-    size, images = 0, 0
-    for m in req.messages:
-        size += len(m.content.encode()) + len((m.thinking or "").encode()) + 16
-        for tc in m.tool_calls:
-            size += len(tc.name) + len(dumps(tc.arguments))
-        images += len(m.images)
-    if req.tools:
-        size += len(dumps(req.tools))
-    return int(math.ceil(size / 4)) + images * IMAGE_TOKENS
-
-
 # ---- response rendering ---------------------------------------------------------------------
 def new_message_id() -> str:
     return "msg_" + uuid.uuid4().hex[:24]
@@ -377,4 +358,4 @@ class StreamRenderer:
 
 
 __all__ = ["chat_request", "whole_message", "StreamRenderer", "error_body", "error_type",
-           "estimate_tokens", "new_message_id"]
+           "new_message_id"]

@@ -8,7 +8,8 @@ from flask import Blueprint, Response, current_app
 
 from gateway.http import responses_wire as wire
 from gateway.http.answer import answer
-from gateway.http.common import read_json_body
+from gateway.errors import NotFound
+from gateway.http.common import count_input_tokens, read_json_body
 from gateway.http.ollama_wire import dumps
 from gateway.http.streaming import Tally, drive
 
@@ -35,3 +36,16 @@ def responses():
 
     return answer(current_app.extensions["gateway"], req, tally, heartbeat=True,
                   render_whole=whole, render_stream=stream)
+
+
+@bp.route("/responses/input_tokens", methods=["POST"])
+def input_tokens():
+    """The prompt's tokens: exact where the provider can count (see count_input_tokens)."""
+    req = wire.chat_request(read_json_body())
+    n = count_input_tokens(current_app.extensions["gateway"], req)
+    return Response(dumps({"object": "response.input_tokens", "input_tokens": n}), mimetype="application/json")
+
+
+@bp.route("/responses/<path:response_id>", methods=["GET", "DELETE"])
+def stored_response(response_id):
+    raise NotFound(f"response {response_id[:64]!r} not found: this gateway stores no responses")
