@@ -47,6 +47,7 @@ def create_app(settings=None):
 
     @app.before_request
     def _guard():
+        guard.check_origin()
         pre = guard.preflight()
         if pre is not None:
             return pre
@@ -110,6 +111,7 @@ def main(argv=None):
     monkey.patch_all()
     from gevent.pywsgi import WSGIServer
 
+    from gateway.ops.client_deadlines import ClientTimeouts, deadline_handler
     from gateway.settings import ConfigError, load_settings
 
     ap = argparse.ArgumentParser(description="Ollama-compatible gateway (development server)")
@@ -131,7 +133,8 @@ def main(argv=None):
     settings.host, settings.port = listen_address(args, settings)
     app = create_app(settings)
     logging.getLogger("gateway").info("listening on http://%s:%d", settings.host, settings.port)
-    server = WSGIServer((settings.host, settings.port), app, log=None, error_log=logging.getLogger("gevent"))
+    server = WSGIServer((settings.host, settings.port), app, log=None, error_log=logging.getLogger("gevent"),
+                        handler_class=deadline_handler(ClientTimeouts.of(settings)))
     try:
         server.serve_forever()
     except KeyboardInterrupt:

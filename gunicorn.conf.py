@@ -21,7 +21,9 @@ except ConfigError as _e:
 _host = os.environ.get("GATEWAY_HOST") or _settings.host
 _port = os.environ.get("GATEWAY_PORT") or os.environ.get("PORT") or _settings.port
 bind = os.environ.get("GATEWAY_BIND") or f"{_host}:{_port}"
-worker_class = "gevent"
+# gunicorn's gevent worker plus deadlines for slow clients (server.client_header_timeout,
+# client_body_timeout, keepalive_timeout): gateway/ops/gunicorn_worker.py.
+worker_class = "gateway.ops.gunicorn_worker.DeadlineGeventWorker"
 
 
 def _default_workers(settings) -> int:
@@ -34,7 +36,8 @@ workers = int(os.environ.get("GATEWAY_WORKERS") or _default_workers(_settings))
 worker_connections = int(os.environ.get("GATEWAY_WORKER_CONNECTIONS", "4096"))
 timeout = 0                 # streams may run long; gevent workers heartbeat on their own
 graceful_timeout = int(os.environ.get("GATEWAY_GRACEFUL_TIMEOUT", "30"))
-keepalive = 75
+# On unless server.keepalive_timeout is 0; the worker enforces the exact idle time.
+keepalive = int(_settings.keepalive_timeout + 0.999)
 accesslog = None            # the app logs one line per request itself
 errorlog = "-"
 loglevel = os.environ.get("GATEWAY_LOG_LEVEL", "info")

@@ -49,7 +49,12 @@ class NotFound(GatewayError):
 
 def model_not_found(name: str) -> NotFound:
     # Exact Ollama wording: Continue parses the quoted name out of the second word.
-    return NotFound(f'model "{name}" not found, try pulling it first')
+    text = f'model "{name}" not found, try pulling it first'
+    e = NotFound(text)
+    # The caller gets back the name it sent, verbatim: were a configured key in it
+    # scrubbed to ***, the answer would confirm a guessed key. Logs keep the scrubbed text.
+    e.client_message = text
+    return e
 
 
 class TooLarge(GatewayError):
@@ -100,6 +105,11 @@ def register_secret(value: str) -> None:
             return
         _secrets.add(value)
         _pattern = re.compile("|".join(re.escape(s) for s in sorted(_secrets, key=len, reverse=True)))
+
+
+def contains_secret(text) -> bool:
+    pat = _pattern
+    return bool(text) and pat is not None and pat.search(str(text)) is not None
 
 
 def scrub(text) -> str:

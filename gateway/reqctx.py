@@ -13,6 +13,10 @@ def begin(record: dict) -> dict:
     return record
 
 
+def current():
+    return _record.get()
+
+
 def note(**facts) -> None:
     rec = _record.get()
     if rec is not None:

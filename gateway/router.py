@@ -12,7 +12,7 @@ from dataclasses import replace
 from typing import Iterator, Optional
 
 from gateway.canonical import ChatRequest, Chunk, EmbedRequest, ModelCard
-from gateway.errors import GatewayError, model_not_found
+from gateway.errors import BadRequest, GatewayError, model_not_found
 from providers import provider_class
 
 log = logging.getLogger("gateway.router")
@@ -20,6 +20,20 @@ log = logging.getLogger("gateway.router")
 # Failures after which an alias moves on to its next target. 4xx pass-throughs and "not
 # supported" answers are the request's fault: another target would not help.
 _FAILOVER = {404, 429, 500, 502, 503, 504}
+# Characters that could steer an upstream URL built from a model id (Gemini puts the id
+# in the path) or a log line: none is part of a real model id.
+_STEERING = set("?#%\\") | {chr(c) for c in (*range(0x20), *range(0x7f, 0xa0))}
+
+
+def check_upstream_id(uid: str) -> None:
+    """A 400 before any upstream call for ids with `.`/`..`/empty path segments or
+    characters that can steer a URL path."""
+    bad = next((ch for ch in uid if ch in _STEERING or ch.isspace()), None)
+    if bad is not None:
+        raise BadRequest(f'invalid value for field "model": the model id may not contain {bad!r}')
+    if any(seg in ("", ".", "..") for seg in uid.split("/")):
+        raise BadRequest('invalid value for field "model": the model id may not have empty, '
+                         '"." or ".." path segments')
 
 
 class Target:
@@ -55,6 +69,7 @@ class Router:
         p = self.providers.get(prefix)
         if p is None or not p.offered or not uid:
             return None
+        check_upstream_id(uid)
         card = p.card(uid)
         return Target(p, uid, card) if card is not None else None
 
@@ -64,6 +79,20 @@ class Router:
         if name.endswith(":latest") and name[:-7] in self.aliases:
             return name[:-7]
         return None
+
+    def listed(self, name) -> bool:
+        """An alias or a configured model (not an unlisted id a remote provider would
+        forward): the names metrics keep as labels."""
+        if not isinstance(name, str) or not name:
+            return False
+        if self.alias_name(name) is not None:
+            return True
+        prefix, _, uid = name.partition(":")
+        p = self.providers.get(prefix)
+        try:
+            return p is not None and bool(uid) and p.listed(uid)
+        except Exception:   # a broken local file: not a label
+            return False
 
     def resolve(self, name: str) -> list:
         """Targets to try in order; raises the Ollama 404 when there are none."""

@@ -56,9 +56,9 @@ class Settings:
     log_level: str = "INFO"
     usage_db: Optional[str] = None
     version: str = "0.12.6"
-    client_header_timeout: float = 60.0
-    client_body_timeout: float = 60.0
-    keepalive_timeout: float = 75.0
+    client_header_timeout: float = 60.0   # seconds to receive a request head
+    client_body_timeout: float = 60.0     # seconds to receive a request body
+    keepalive_timeout: float = 75.0       # idle keep-alive connections closed after
     redis: Optional[str] = None
     clients: list = field(default_factory=list)
     providers: dict = field(default_factory=dict)   # name -> checked dict (has "type")
@@ -233,8 +233,10 @@ def build_settings(raw, file: str = "<dict>", env=None) -> Settings:
     s.allowed_hosts = key_list(server.get("allowed_hosts"), file, "server.allowed_hosts")
     s.max_body_mb = number(server, "max_body_mb", file, "server", 10.0, 0.001)
     s.heartbeat = number(server, "heartbeat", file, "server", 10.0, 0.0)
-    for key in ("client_header_timeout", "client_body_timeout", "keepalive_timeout"):
-        setattr(s, key, number(server, key, file, "server", getattr(s, key), 0.0))
+    for key in ("client_header_timeout", "client_body_timeout"):
+        setattr(s, key, number(server, key, file, "server", getattr(s, key), 0.1))
+    # 0 turns keep-alive off (each connection serves one request), as in nginx.
+    s.keepalive_timeout = number(server, "keepalive_timeout", file, "server", s.keepalive_timeout, 0.0)
     s.log_prompts = bool(server.get("log_prompts", False))
     s.log_level = str(server.get("log_level", "INFO")).upper()
     s.usage_db = usage_db_value(server.get("usage_db"), file)

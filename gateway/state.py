@@ -17,6 +17,7 @@ class GatewayState:
         self.observers = []
 
     def finished(self, record: dict) -> None:
+        record["_done"] = True     # the error path must not report it a second time
         for obs in self.observers:
             try:
                 obs(record)

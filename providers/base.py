@@ -60,6 +60,10 @@ class Provider:
                 return c
         return None
 
+    def listed(self, upstream_id: str) -> bool:
+        """Configured here (not merely forwarded): what metrics may name as a label."""
+        return self.card(upstream_id) is not None
+
     # --- work ------------------------------------------------------------------------
     def chat(self, req: ChatRequest, upstream_id: str) -> Iterator[Chunk]:
         raise NotImplementedError

@@ -109,9 +109,13 @@ class RemoteProvider(RemoteConfig):
             return err
         if isinstance(body, list) and body and isinstance(body[0], dict):
             return self.error_message(body[0], text)
-        return (text or "").strip()[:500] or "no error message"
+        # Scrub, then cut: a cut first would leave a key's head that scrub() cannot match.
+        return scrub((text or "").strip())[:500] or "no error message"
 
     # ---- discovery --------------------------------------------------------------------
+    def listed(self, upstream_id: str) -> bool:
+        return upstream_id in self.model_ids   # card() also accepts unlisted ids
+
     @property
     def offered(self) -> bool:
         return len(self.pool) > 0
@@ -191,7 +195,7 @@ class RemoteProvider(RemoteConfig):
                 return resp
             text, parsed = read_error_body(resp)
             verdict, seconds = self.classify(resp.status_code, parsed, text, resp.headers)
-            msg = scrub(self.error_message(parsed, text))
+            msg = scrub(self.error_message(parsed, text))[:1000]
             if verdict == PASS:
                 log.info("provider=%s key_index=%d status=%d passthrough", self.name, idx,
                          resp.status_code)

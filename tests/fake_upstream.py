@@ -7,6 +7,7 @@ Behaviour is chosen by the API key (so one server serves every scenario at once)
   err...     500                       invalid... Gemini 400 API_KEY_INVALID
   slow...    waits 3 s before headers  cut...    streams 2 chunks, then drops the connection
   echokey... 500 whose body echoes the key (tests scrubbing)
+  cutecho... plain-text 400 echoing the key across character 500 (scrub before cutting)
   garbage... a malformed JSON event mid-stream    nodone... stream ends with no finish, no [DONE]
   trunc...   stream cut in the middle of an event
 Anthropic's /v1/messages (x-api-key): tests/fake_anthropic.py.
@@ -97,6 +98,10 @@ def _key_failure(key, start, gemini):
         return _json(start, "400 Bad Request", {"error": {
             "code": 400, "message": "API key not valid. Please pass a valid API key.",
             "status": "INVALID_ARGUMENT", "details": [{"reason": "API_KEY_INVALID"}]}})
+    if key.startswith("cutecho"):
+        body = ("x" * 490 + f" {key} rejected").encode()
+        start("400 Bad Request", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+        return [body]
     if key.startswith("echokey"):
         return _json(start, "500 Internal Server Error", {"error": {"message": f"key {key} broke"}})
     if key.startswith("err"):

@@ -249,7 +249,7 @@ def test_disconnect_stops_generation_and_frees_the_model(make):
     assert out[-1].done and time.monotonic() - t0 < 2
 
 
-def test_corrupt_gguf_is_a_clear_error(make):
+def test_corrupt_gguf_is_a_clear_error_naming_the_model_and_logging_the_reason(make, caplog):
     p = make()
     assert p.card("corrupt") is not None
     with pytest.raises(GatewayError) as ei:
@@ -257,7 +257,8 @@ def test_corrupt_gguf_is_a_clear_error(make):
     e = ei.value
     assert e.status == 500
     assert e.message.startswith("failed to load model corrupt: ")
-    assert "corrupted or incomplete" in e.message
+    assert "corrupt.gguf" not in e.message and "/" not in e.message    # the path stays in the log
+    assert "corrupted or incomplete" in caplog.text
     h = p.health()
     assert h["loading"] == [] and h["queue_depth"] == 0 and h["loaded"] == []
     assert answer(p, "a")[-1].done                           # still serving

@@ -170,11 +170,12 @@ def test_no_key_in_logs_or_answers_under_gunicorn(gunicorn_gateway, fake_upstrea
         assert k not in logs, k
     assert "***" in logs, "the echoed keys reached the log path and were scrubbed"
     access = [json.loads(x) for x in logs.splitlines() if x.startswith('{"ts"')]
-    assert len(access) == 12
+    assert len(access) == 13      # the 401 too: a refused key is logged (without the key)
     assert [a["status"] for a in access[:5]] == [502] * 5
     assert all(a["error_class"] == "UpstreamFailed" for a in access[:5])
-    assert {a["provider"] for a in access[5:]} == {"oai", "gem"}
-    assert len({a["client"] for a in access}) == 2
+    assert [a["status"] for a in access[9:10]] == [401]
+    assert {a["provider"] for a in access[5:] if a["status"] == 200} == {"oai", "gem"}
+    assert len({a["client"] for a in access}) == 3
     conn = sqlite3.connect(str(db))
     assert conn.execute("SELECT COUNT(*) FROM usage").fetchone()[0] == 12
     conn.close()

@@ -15,9 +15,16 @@ from flask import current_app, request
 from gateway.canonical import FLOAT_OPTIONS, INT_OPTIONS, Options
 from gateway.durations import parse_keep_alive
 from gateway import reqctx
-from gateway.errors import BadRequest, GatewayError, TooLarge
+from gateway.errors import BadRequest, GatewayError, TooLarge, contains_secret, model_not_found
+from gateway.ops.client_deadlines import ClientTooSlow
+from gateway.tool_calls import too_deep
 
 _INT_LIMIT = 2 ** 63
+# Deeper JSON than this is refused at the door: recursive code further on (schema
+# conversion, re-encoding for the upstream) would otherwise fail with a 500.
+MAX_DEPTH = 100
+# Model names are kept in logs, metrics and the usage log: a client cannot make them big.
+MAX_MODEL_NAME = 512
 
 
 def read_json_body(allow_empty: bool = False) -> dict:
@@ -27,7 +34,14 @@ def read_json_body(allow_empty: bool = False) -> dict:
     length = request.content_length
     if length is not None and length > limit:
         raise TooLarge(f"request body too large: {length} bytes, limit {limit}")
-    data = request.stream.read(limit + 1)
+    try:
+        data = request.stream.read(limit + 1)
+    except ClientTooSlow as e:
+        raise GatewayError(str(e), status=408)
+    except GatewayError:
+        raise
+    except Exception as e:   # a malformed chunked body, a cut connection
+        raise BadRequest(f"invalid request body: could not be read ({type(e).__name__})")
     if len(data) > limit:
         raise TooLarge(f"request body too large: over the limit of {limit} bytes")
     if not data.strip():
@@ -38,10 +52,16 @@ def read_json_body(allow_empty: bool = False) -> dict:
         body = json.loads(data)
     except UnicodeDecodeError:
         raise BadRequest("invalid request body: not valid UTF-8")
-    except (ValueError, RecursionError) as e:
+    except RecursionError:
+        raise BadRequest(f"invalid request body: nested deeper than {MAX_DEPTH} levels")
+    except ValueError as e:
         raise BadRequest(f"invalid JSON in request body: {str(e)[:120]}")
     if not isinstance(body, dict):
         raise BadRequest("invalid request body: expected a JSON object")
+    if data.count(b"{") + data.count(b"[") > MAX_DEPTH:   # else it cannot be that deep
+        for key, value in body.items():
+            if too_deep(value, MAX_DEPTH - 1):
+                raise BadRequest(f'invalid value for field "{key}": nested deeper than {MAX_DEPTH} levels')
     return body
 
 
@@ -63,14 +83,24 @@ def get_str(body: dict, field: str, required=False, default=None, allow_empty=Tr
 
 
 def get_model(body: dict, legacy_name: bool = False) -> str:
+    field = "model"
     v = body.get("model")
     if (v is None or v == "") and legacy_name:
-        v = body.get("name")
+        field, v = "name", body.get("name")
     if v is None or v == "":
         raise BadRequest("model is required")
     if not isinstance(v, str):
-        raise _type_error("model", "a string")
-    return v
+        raise _type_error(field, "a string")
+    return check_model_name(v, field)
+
+
+def check_model_name(name: str, field: str = "model") -> str:
+    if len(name.encode("utf-8", "surrogatepass")) > MAX_MODEL_NAME:
+        raise BadRequest(f'invalid value for field "{field}": longer than {MAX_MODEL_NAME} bytes')
+    if contains_secret(name):
+        # The same 404 as any unknown name, before anything records the name.
+        raise model_not_found(name)
+    return name
 
 
 def get_bool(body: dict, field: str, default=None):

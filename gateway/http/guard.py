@@ -68,6 +68,15 @@ class Guard:
             return True
         return o.lower().startswith(_ORIGIN_SCHEMES)
 
+    def check_origin(self) -> None:
+        """Ollama's rule: a request that carries an Origin not allowed is refused on every
+        route, so a web page cannot make a browser spend this gateway's upstream keys
+        (a `text/plain` POST needs no preflight)."""
+        origin = request.headers.get("Origin")
+        if origin is not None and not self.origin_allowed(origin):
+            shown = origin[:200].encode("unicode_escape").decode("ascii")
+            raise Forbidden(f"origin {shown!r} is not allowed (add it to server.cors_origins)")
+
     def preflight(self):
         if request.method != "OPTIONS":
             return None
@@ -76,10 +85,11 @@ class Guard:
         return resp
 
     def add_cors(self, resp):
+        # Every answer depends on Origin (allowed, refused, or none), so caches must key on it.
+        resp.vary.add("Origin")
         origin = request.headers.get("Origin")
         if origin and self.origin_allowed(origin):
             resp.headers["Access-Control-Allow-Origin"] = origin
-            resp.headers["Vary"] = "Origin"
             resp.headers["Access-Control-Allow-Methods"] = "GET, POST, PUT, PATCH, DELETE, HEAD, OPTIONS"
             resp.headers["Access-Control-Allow-Headers"] = ALLOW_HEADERS
             resp.headers["Access-Control-Allow-Credentials"] = "true"

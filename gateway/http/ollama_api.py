@@ -10,7 +10,7 @@ from gateway.canonical import Chunk, EmbedRequest
 from gateway.durations import rfc3339
 from gateway.errors import BadRequest, GatewayError, model_not_found
 from gateway.http import ollama_wire as wire
-from gateway.http.common import (get_bool, get_model, get_number, parse_keep_alive_field, parse_options,
+from gateway.http.common import (check_model_name, get_bool, get_model, get_number, parse_keep_alive_field, parse_options,
                                  read_json_body, run_embed)
 from gateway.http.answer import answer
 from gateway.http.streaming import Tally, drive
@@ -250,7 +250,7 @@ def copy():
     src = body.get("source")
     if not isinstance(src, str) or not src:
         raise BadRequest("source is required")
-    state().router.resolve(src)
+    state().router.resolve(check_model_name(src, "source"))
     raise _unsupported("copy")
 
 

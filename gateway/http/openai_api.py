@@ -13,7 +13,7 @@ from flask import Blueprint, Response, current_app
 from gateway.canonical import ChatRequest, Chunk, EmbedRequest, Message, ToolCall
 from gateway.errors import BadRequest, GatewayError
 from gateway.http import ollama_wire
-from gateway.http.common import (get_bool, get_model, get_number, get_str, parse_format, parse_tools,
+from gateway.http.common import (check_model_name, get_bool, get_model, get_number, get_str, parse_format, parse_tools,
                                  read_json_body, run_embed, stop_list, strip_data_url)
 from gateway.http.answer import answer
 from gateway.http.streaming import Tally, drive
@@ -288,4 +288,4 @@ def models():
 
 @bp.route("/models/<path:model_id>", methods=["GET"])
 def model(model_id):
-    return json_response(_model_obj(state().router.card(model_id)))
+    return json_response(_model_obj(state().router.card(check_model_name(model_id))))

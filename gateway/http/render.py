@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from flask import Response, has_request_context, request
+from flask import Response, g, has_request_context, request
 
 from gateway.errors import scrub
 
@@ -19,7 +19,9 @@ def method() -> str:
 
 def error(e) -> Response:
     status = getattr(e, "status", 500) or 500
-    msg = scrub(getattr(e, "message", None) or str(e))
+    if has_request_context():
+        g.gateway_error = e        # for the access-log line of a refused request
+    msg = getattr(e, "client_message", None) or scrub(getattr(e, "message", None) or str(e))
     if path().startswith("/v1/messages"):
         from gateway.http.anthropic_wire import error_body
         body = error_body(status, msg)

@@ -51,13 +51,36 @@ def provider_of(record: dict, state) -> Optional[str]:
 
 
 def install(app, state) -> None:
-    from flask import request
+    import time
 
+    from flask import g, request
+
+    from gateway import reqctx
     from gateway.ops import accesslog, health, metrics, usage
 
     @app.before_request
     def _remember_client():
+        g.gateway_t0 = time.perf_counter()
+        reqctx.begin(None)      # a keep-alive connection's greenlet served others before
         _client_key.set(client_key_id(request.headers.get("Authorization")))
+
+    @app.after_request
+    def _record_refusal(resp):
+        """An error answer that no generation/embedding record reported (a bad key, a
+        refused origin, a body that failed its checks, an unknown route, a crash) still
+        gets its access-log line and its count, once."""
+        rec = reqctx.current()
+        if resp.status_code < 400 or (rec is not None and rec.get("_done")):
+            return resp
+        err = g.get("gateway_error")
+        rule = request.url_rule.rule if request.url_rule is not None else request.path
+        record = rec if rec is not None else {"route": rule, "model": None, "stream": False}
+        record.update(status=resp.status_code, latency=time.perf_counter() - g.get("gateway_t0", time.perf_counter()),
+                      error=getattr(err, "message", None) or f"HTTP {resp.status_code}")
+        if err is not None and type(err).__name__ != "GatewayError":
+            record["error_class"] = type(err).__name__
+        state.finished(record)
+        return resp
 
     accesslog.install(app, state)
     metrics.install(app, state)

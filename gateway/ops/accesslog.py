@@ -21,8 +21,22 @@ _CLASS_BY_STATUS = {400: "BadRequest", 401: "Unauthorized", 403: "Forbidden", 40
                     502: "UpstreamFailed", 503: "ServiceBusy", 504: "UpstreamTimeout"}
 
 
+# Control characters and Unicode line breaks in a log line would let text a client or an
+# upstream chose forge lines or drive a terminal: they are written as \uXXXX escapes
+# (valid inside the access log's JSON strings too).
+_CONTROLS = [*range(0x20), *range(0x7f, 0xa0), 0x2028, 0x2029]
+_ESCAPE_ALL = {c: f"\\u{c:04x}" for c in _CONTROLS}
+_ESCAPE_ALL.update({0x0a: "\\n", 0x0d: "\\r", 0x09: "\\t"})
+_ESCAPE_KEEP_NEWLINES = {c: v for c, v in _ESCAPE_ALL.items() if c != 0x0a}
+
+
+def escape_controls(text: str, keep_newlines: bool = False) -> str:
+    return text.translate(_ESCAPE_KEEP_NEWLINES if keep_newlines else _ESCAPE_ALL)
+
+
 class ScrubFilter(logging.Filter):
-    """Formats the message once and replaces every registered key with ***.
+    """Formats the message once, replaces every registered key with *** and escapes
+    control characters (a traceback keeps its line breaks).
 
     Sits on handlers, not loggers: a logger's filters are skipped for records that
     propagate from its children, a handler's are not."""
@@ -32,13 +46,13 @@ class ScrubFilter(logging.Filter):
             msg = record.getMessage()
         except Exception:  # a bad format string must not lose the line
             msg = f"{record.msg!r} {record.args!r}"
-        record.msg, record.args = scrub(msg), None
+        record.msg, record.args = escape_controls(scrub(msg)), None
         if record.exc_info and not record.exc_text:
             record.exc_text = logging.Formatter().formatException(record.exc_info)
         if record.exc_text:
-            record.exc_text = scrub(record.exc_text)
+            record.exc_text = escape_controls(scrub(record.exc_text), keep_newlines=True)
         if record.stack_info:
-            record.stack_info = scrub(record.stack_info)
+            record.stack_info = escape_controls(scrub(record.stack_info), keep_newlines=True)
         return True
 
 
@@ -83,6 +97,16 @@ def error_class(record: dict):
     return _CLASS_BY_STATUS.get(status, "GatewayError")
 
 
+# Each text field of a line is cut here: clients choose model names and paths.
+MAX_FIELD = 512
+
+
+def _cap(value, limit: int = MAX_FIELD):
+    if isinstance(value, str) and len(value) > limit:
+        return value[:limit] + "…"
+    return value
+
+
 def _ms(seconds):
     return None if seconds is None else round(seconds * 1000.0, 1)
 
@@ -92,11 +116,11 @@ def access_line(record: dict, client=None) -> str:
     err = record.get("error")
     line = {
         "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z",
-        "route": record.get("route"),
-        "model": record.get("model"),
-        "provider": record.get("provider"),
+        "route": _cap(record.get("route")),
+        "model": _cap(record.get("model")),
+        "provider": _cap(record.get("provider")),
         "key_index": record.get("key_index"),
-        "client": client,
+        "client": _cap(client),
         "stream": record.get("stream"),
         "status": record.get("status"),
         "latency_ms": _ms(record.get("latency")),
@@ -107,7 +131,7 @@ def access_line(record: dict, client=None) -> str:
         "error": scrub(err)[:500] if err else None,
     }
     if record.get("prompt") is not None:
-        line["prompt"] = record["prompt"]
+        line["prompt"] = _cap(record["prompt"], 2000)
     return scrub(json.dumps(line, ensure_ascii=False, default=str))
 
 

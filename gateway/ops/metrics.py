@@ -31,8 +31,9 @@ log = logging.getLogger("gateway.ops")
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
-# A client picks the model string, and remote providers forward unlisted ids: cap the
-# distinct values so a scan of random names cannot blow up the series count.
+# A client picks the model string, and remote providers forward unlisted ids: only
+# configured models and aliases are labels (anything else is "other"), and their count is
+# capped too, so no name a client sends can grow the output.
 MAX_MODEL_LABELS = 200
 REST_REASONS = ("rate_limit", "auth", "transient")
 
@@ -67,24 +68,40 @@ class Metrics:
                                      "Usage-log rows dropped because the write queue was full",
                                      registry=r)
         self._models = set()
+        self.app = None            # set by install(): its URL rules are the route labels
+        self._routes = None
         self._lock = threading.Lock()
         self.collector = StateCollector(state)
         if not self.mp_dir:
             self.registry.register(self.collector)
 
     def _model_label(self, model) -> str:
-        model = str(model or "")
+        if not model:
+            return ""
+        model = str(model)
         with self._lock:
             if model in self._models:
                 return model
+        if not self.state.router.listed(model):
+            return "other"
+        with self._lock:
             if len(self._models) >= MAX_MODEL_LABELS:
                 return "other"
             self._models.add(model)
             return model
 
+    def _route_label(self, route) -> str:
+        """The app's own routes; any other path (a 404 scan) is "other"."""
+        route = str(route or "")
+        if self.app is None:        # a bare Metrics (unit use): no URL map to check against
+            return route[:200]
+        if self._routes is None:
+            self._routes = {r.rule for r in self.app.url_map.iter_rules()}
+        return route if route in (self._routes or ()) else "other"
+
     def observe(self, record: dict) -> None:
         from gateway.ops import provider_of
-        route = str(record.get("route") or "")
+        route = self._route_label(record.get("route"))
         provider = str(provider_of(record, self.state) or "none")
         model = self._model_label(record.get("model"))
         self.requests.labels(route, provider, model, str(record.get("status") or 0)).inc()
@@ -173,6 +190,7 @@ def install(app, state) -> None:
     # *_created series double the output and nobody here graphs them.
     disable_created_metrics()
     m = Metrics(state)
+    m.app = app
     app.extensions["gateway_metrics"] = m
     state.observers.append(m.observe)
 

@@ -35,6 +35,10 @@ MAX_QUEUE = 10000           # rows held in memory while the disk is slow; beyond
 MAX_BATCH = 500
 ERROR_LOG_EVERY = 60.0      # at most one log line a minute while writes keep failing
 GROUPS = {"model": "model", "provider": "provider", "key": "client_key"}
+# Clients choose model names: rows keep at most this much of one, and /api/usage lists at
+# most MAX_GROUPS groups (the busiest), the rest summed as one "other" group.
+MAX_TEXT = 512
+MAX_GROUPS = 200
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS usage (
@@ -95,6 +99,10 @@ def _int(v):
         return None
 
 
+def _text(v):
+    return None if v is None else str(v)[:MAX_TEXT]
+
+
 def _ms(v):
     try:
         return None if v is None else round(float(v) * 1000.0, 3)
@@ -122,8 +130,8 @@ class UsageLog:
 
     # ---- the request side: never blocks ---------------------------------------------------
     def row(self, record: dict, client_key=None, now=None) -> tuple:
-        return (time.time() if now is None else now, client_key, record.get("route"),
-                record.get("provider"), record.get("model"), _int(record.get("key_index")),
+        return (time.time() if now is None else now, client_key, _text(record.get("route")),
+                _text(record.get("provider")), _text(record.get("model")), _int(record.get("key_index")),
                 _int(record.get("status")), 1 if record.get("stream") else 0,
                 _int(record.get("prompt_tokens")), _int(record.get("completion_tokens")),
                 _ms(record.get("latency")), _ms(record.get("ttft")))
@@ -275,17 +283,35 @@ class UsageLog:
             total = _row_dict(conn.execute(f"SELECT {select} FROM usage {where}", args).fetchone())
             if col:
                 q = (f"SELECT {col}, {select} FROM usage {where} GROUP BY {col} "
-                     f"ORDER BY COUNT(*) DESC")
-                for r in conn.execute(q, args):
+                     f"ORDER BY COUNT(*) DESC LIMIT {MAX_GROUPS + 1}")
+                rows = conn.execute(q, args).fetchall()
+                for r in rows[:MAX_GROUPS]:
                     d = {group_by: r[0]}
                     d.update(_row_dict(r[1:]))
                     groups.append(d)
+                if len(rows) > MAX_GROUPS:
+                    groups.append(self._rest(conn, col, group_by, select, where, args,
+                                             [r[0] for r in rows[:MAX_GROUPS]]))
         except sqlite3.OperationalError as e:
             if "no such table" not in str(e):
                 raise
         finally:
             conn.close()
         return {"total": total, "groups": groups}
+
+
+    @staticmethod
+    def _rest(conn, col, group_by, select, where, args, shown) -> dict:
+        """Every row outside the groups shown, as one "other" group."""
+        named = [v for v in shown if v is not None]
+        cond = [f"{col} NOT IN ({', '.join('?' * len(named))})"] if named else []
+        if None in shown:
+            cond.append(f"{col} IS NOT NULL")
+        clause = (where + " AND " if where else "WHERE ") + " AND ".join(cond)
+        r = conn.execute(f"SELECT {select} FROM usage {clause}", list(args) + named).fetchone()
+        d = {group_by: "other"}
+        d.update(_row_dict(r))
+        return d
 
 
 def _row_dict(r) -> dict:
@@ -336,6 +362,8 @@ def install(app, state) -> None:
         app.extensions["gateway_usage"] = usage
 
         def log_usage(record: dict) -> None:
+            if record.get("model") is None:   # refused before a model was named: no usage
+                return
             rec = dict(record, provider=provider_of(record, state))
             usage.record(rec, current_client_key())
 

@@ -34,7 +34,7 @@ from providers.local.config import LocalConfig
 from providers.local import prompt as P
 from providers.local.native import run_blocking
 from providers.local.scheduler import BUSY_MESSAGE, FOREVER, Scheduler
-from providers.local.sources import LocalModel, default_cache_dir, stop_strings
+from providers.local.sources import LocalModel, default_cache_dir, gguf_files_in, stop_strings
 
 log = logging.getLogger("gateway.local")
 
@@ -96,7 +96,7 @@ class LocalProvider(LocalConfig):
             return {}
         d = Path(os.path.expanduser(str(self.models_dir)))
         try:
-            files = sorted(p for p in d.iterdir() if p.suffix.lower() == ".gguf" and p.is_file())
+            files = gguf_files_in(d)
         except OSError as e:
             log.warning("local: cannot list models_dir %s: %s", d, e)
             return {}

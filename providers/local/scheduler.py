@@ -402,7 +402,11 @@ class Scheduler:
                 runner.executor.close()
             if isinstance(err, GatewayError) or not isinstance(err, Exception):
                 raise err if err is not None else GatewayError(f"failed to load model {spec.name}")
-            raise GatewayError(f"failed to load model {spec.name}: {err}", status=500) from err
+            # llama.cpp's text names the file and quotes its first bytes: the log keeps it,
+            # the client is told only which model failed.
+            log.error("failed to load model %s: %s", spec.name, err)
+            raise GatewayError(f"failed to load model {spec.name}: the file could not be loaded "
+                               "(details in the server log)", status=500) from err
         log.info("loaded %s (ctx %d, ~%s) in %.2f s", spec.name, runner.n_ctx,
                  fmt_bytes(runner.size), load_ns / 1e9)
         return Lease(self, runner, load_ns)

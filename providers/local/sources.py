@@ -16,6 +16,7 @@ import importlib
 import json
 import logging
 import os
+import stat
 import threading
 from pathlib import Path
 from typing import Optional
@@ -28,6 +29,30 @@ log = logging.getLogger("gateway.local")
 
 FULL_HASH_LIMIT = 2 * 1024 ** 3
 DEFAULT_CTX = 4096
+
+
+def gguf_files_in(folder: Path) -> list:
+    """The models a `models_dir` offers: regular .gguf files that start with the GGUF
+    magic and resolve inside the folder (a symlink out of it would list, hash and load a
+    file the operator never put there)."""
+    root = folder.resolve()
+    out = []
+    for p in sorted(folder.iterdir()):
+        if p.suffix.lower() != ".gguf":
+            continue
+        try:
+            real = p.resolve(strict=True)
+            if not real.is_relative_to(root) or not stat.S_ISREG(real.stat().st_mode):
+                log.debug("local: models_dir skips %s (not a regular file inside the folder)", p.name)
+                continue
+            with open(real, "rb") as fh:
+                if fh.read(4) != gguf_meta.GGUF_MAGIC:
+                    log.debug("local: models_dir skips %s (not a GGUF file)", p.name)
+                    continue
+        except OSError:
+            continue
+        out.append(p)
+    return out
 
 
 def default_cache_dir() -> Path:
