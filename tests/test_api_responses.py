@@ -241,3 +241,14 @@ def test_sdk_input_tokens_count_and_no_stored_responses(gw):
     with pytest.raises(openai.NotFoundError) as e:
         c.responses.retrieve("resp_123")
     assert "stores no responses" in e.value.message
+
+
+def test_format_effort_and_choice_reach_the_upstream(gw, fake_upstream):
+    schema = {"type": "object", "properties": {"a": {"type": "string"}}}
+    client(gw).responses.create(model="oai:echo", input="x", reasoning={"effort": "low"},
+                                text={"format": {"type": "json_schema", "name": "r", "schema": schema}},
+                                tools=TOOLS, tool_choice={"type": "function", "name": "get_weather"})
+    sent = last_upstream_body(fake_upstream)
+    assert sent["response_format"]["json_schema"]["schema"] == schema
+    assert sent["reasoning"] == {"effort": "low"}
+    assert sent["tool_choice"] == {"type": "function", "function": {"name": "get_weather"}}
