@@ -335,15 +335,21 @@ def test_canonical_answers_render_as_anthropic_blocks():
     assert wire.stop_reason(done, False) == ("stop_sequence", "END")
 
 
+Q = [{"role": "user", "content": "q"}]
+
+
 @pytest.mark.parametrize("body,field", [
+    ({"messages": []}, "messages: at least one message"),
     ({"messages": [{"role": "assistant", "content": [{"type": "tool_use", "id": "t", "input": {}}]}]}, "messages[0].content[0]"),
     ({"messages": [{"role": "user", "content": [{"type": "tool_result"}]}]}, "messages[0].content[0].tool_use_id"),
-    ({"messages": [], "tools": [{"name": "f"}]}, "tools[0].input_schema"),
-    ({"messages": [], "tool_choice": {"type": "maybe"}}, "tool_choice"),
-    ({"messages": [], "thinking": {"type": "enabled"}}, "thinking.budget_tokens"),
-    ({"messages": [], "temperature": 3}, "temperature"),
-    ({"messages": [], "stop_sequences": "x"}, "stop_sequences"),
-    ({"messages": [], "system": [{"type": "image"}]}, "system[0]"),
+    ({"messages": Q, "tools": [{"name": "f"}]}, "tools[0].input_schema"),
+    ({"messages": Q, "tool_choice": {"type": "maybe"}}, "tool_choice"),
+    ({"messages": Q, "thinking": {"type": "enabled"}}, "thinking.budget_tokens"),
+    ({"messages": Q, "temperature": 3}, "temperature"),
+    ({"messages": Q, "stop_sequences": "x"}, "stop_sequences"),
+    ({"messages": Q, "system": [{"type": "image"}]}, "system[0]"),
+    ({"messages": [{"role": "assistant", "content": [{"type": "tool_use", "id": "t", "name": "f", "input": "{}"}]}]},
+     "messages[0].content[0].input"),
 ])
 def test_bad_requests_name_the_field(body, field):
     with pytest.raises(BadRequest) as e:

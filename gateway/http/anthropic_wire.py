@@ -200,6 +200,8 @@ def chat_request(body: dict, count_only: bool = False) -> ChatRequest:
     if not isinstance(msgs, list):
         raise BadRequest("messages is required" if msgs is None else
                          'invalid value for field "messages": expected a list of messages')
+    if not msgs:
+        raise BadRequest("messages: at least one message is required")
     names: dict = {}
     messages = []
     system = body.get("system")
