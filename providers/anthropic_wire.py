@@ -91,6 +91,13 @@ def to_messages(messages: list) -> tuple:
     return "\n\n".join(s for s in system if s), out
 
 
+def _unsigned_tool_turn(messages: list) -> bool:
+    last = next((m for m in reversed(messages) if m["role"] == "assistant"), None)
+    if last is None or not any(b["type"] == "tool_use" for b in last["content"]):
+        return False
+    return last["content"][0]["type"] != "thinking"
+
+
 def _tool_choice(tc):
     if tc is None:
         return None
@@ -128,6 +135,11 @@ def to_body(req: ChatRequest, upstream_id: str, default_max_tokens: int = DEFAUL
         budget = min(budget, max_tokens - 1)
         if budget >= MIN_BUDGET:
             thinking = {"type": "enabled", "budget_tokens": budget}
+    if thinking is not None and _unsigned_tool_turn(messages):
+        # Anthropic wants the last assistant turn's signed thinking back when it used tools;
+        # a client that dropped it (every non-Anthropic surface does) gets an answer
+        # without thinking rather than a 400
+        thinking = None
     if thinking is not None:
         body["thinking"] = thinking
     if count_only:

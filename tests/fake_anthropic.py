@@ -87,6 +87,11 @@ def check(body: dict, headers: dict, count_only: bool = False):
             return "`max_tokens` must be greater than `thinking.budget_tokens`"
         if body.get("temperature") not in (None, 1) or body.get("top_k") is not None:
             return "temperature and top_k may not be set when thinking is enabled"
+        last = next((m for m in reversed(msgs) if m["role"] == "assistant"), None)
+        blocks = last["content"] if last and isinstance(last["content"], list) else []
+        if any(b.get("type") == "tool_use" for b in blocks) and blocks[0].get("type") != "thinking":
+            return ("messages: Expected `thinking` or `redacted_thinking`, but found `tool_use`. When `thinking` "
+                    "is enabled, a final `assistant` message must start with a thinking block")
     for t in body.get("tools") or []:
         if not t.get("name") or not isinstance(t.get("input_schema"), dict):
             return "tools: each tool needs name and input_schema"

@@ -76,6 +76,18 @@ def test_thinking_budget_fits_max_tokens_and_drops_sampling_it_forbids():
     assert "thinking" not in wire.to_body(req, "c")
 
 
+def test_thinking_is_left_off_when_a_tool_turn_lost_its_signed_thinking():
+    call = ToolCall(name="f", arguments={}, id="t1")
+    history = [Message(role="user", content="q"), Message(role="assistant", tool_calls=[call]),
+               Message(role="tool", content="r", tool_call_id="t1")]
+    req = ChatRequest(model="m", think="low", messages=history)
+    body = wire.to_body(req, "c")
+    assert "thinking" not in body and check(body, {"anthropic-version": "v"}) is None
+    history[1].thinking, history[1].thinking_signature = "hm", signature("hm")
+    body = wire.to_body(req, "c")
+    assert body["thinking"]["budget_tokens"] == 2048 and check(body, {"anthropic-version": "v"}) is None
+
+
 # ---- Anthropic -> canonical ---------------------------------------------------------------------
 def test_stream_events_become_chunks():
     evs = [{"type": "message_start", "message": {"usage": {"input_tokens": 5, "cache_read_input_tokens": 3}}},
