@@ -157,6 +157,23 @@ def test_sdk_through_the_gateway_to_anthropic_tools_and_signed_thinking(gw, fake
                                    messages=[{"role": "user", "content": "c d e"}]).input_tokens == 5
 
 
+def test_responses_sdk_function_call_round_trip_to_anthropic(gw, fake_upstream):
+    import openai
+    c = openai.OpenAI(base_url=gw.url + "/v1", api_key="unused", max_retries=0)
+    tools = [{"type": "function", "name": "get_weather", "parameters": TOOLS[0]["input_schema"]}]
+    events = list(c.responses.create(model="ant:claude-tools", input="weather?", tools=tools, stream=True))
+    call = [e.item for e in events if e.type == "response.output_item.done"][-1]
+    assert events[-1].type == "response.completed" and call.type == "function_call"
+    assert (call.call_id, json.loads(call.arguments)) == ("toolu_fake_1", {"city": "Tokyo"})
+    r = c.responses.create(model="ant:claude-tools", tools=tools, input=[
+        {"role": "user", "content": "weather?"},
+        {"type": "function_call", "call_id": call.call_id, "name": call.name, "arguments": call.arguments},
+        {"type": "function_call_output", "call_id": call.call_id, "output": "sunny"}])
+    assert r.status == "completed" and r.output_text == "Echo: weather?"
+    assert sent(fake_upstream)["messages"][2]["content"][0] == {"type": "tool_result", "tool_use_id": "toolu_fake_1",
+                                                                "content": "sunny"}
+
+
 def test_openai_and_ollama_surfaces_reach_anthropic_tool_results_paired(make_app, fake_upstream):
     app = make_app(config(fake_upstream)).test_client()
     r = app.post("/v1/chat/completions", json={"model": "ant:claude-tools", "tools": OAI_TOOLS,
