@@ -36,6 +36,7 @@ bench: install-test
 
 lint: install-test
 	$(VENV)/bin/ruff check --select E,F,W --ignore E501 app.py wsgi.py gunicorn.conf.py gateway providers tests bench
+	$(VENV)/bin/mypy   # mypy.ini: what it checks, how strictly
 	$(VENV)/bin/hadolint --no-color Dockerfile
 
 clean:

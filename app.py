@@ -95,15 +95,15 @@ def configure_logging(level: str = "INFO") -> None:
 
 
 def listen_address(args, settings, env=os.environ):
-    """Flags, then GATEWAY_HOST/GATEWAY_PORT (or PORT), then server.host/port."""
-    host, port = None, None
-    if getattr(args, "bind", None):
-        host, _, p = args.bind.rpartition(":")
-        port = int(p)
-    host = getattr(args, "host", None) or host or env.get("GATEWAY_HOST") or settings.host or "127.0.0.1"
-    port = (getattr(args, "port", None) or port or env.get("GATEWAY_PORT") or env.get("PORT")
-            or settings.port or 11434)
-    return host, int(port)
+    """(host, port) for the development server, in gateway.listen's precedence."""
+    from gateway.listen import listen_bind, split_bind
+    bind = listen_bind(settings, env, getattr(args, "bind", None), getattr(args, "host", None),
+                       getattr(args, "port", None))
+    host, port = split_bind(bind)
+    if host is None or port is None:
+        raise SystemExit(f"the development server listens on HOST:PORT only, not {bind!r}: "
+                         "run gunicorn for a unix socket")
+    return host, port
 
 
 def main(argv=None):

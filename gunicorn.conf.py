@@ -8,6 +8,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from gateway.listen import listen_bind  # noqa: E402
 from gateway.settings import ConfigError, load_settings  # noqa: E402
 from providers import config_class  # noqa: E402
 
@@ -18,9 +19,7 @@ except ConfigError as _e:
     print(str(_e), file=sys.stderr)
     sys.exit(2)
 
-_host = os.environ.get("GATEWAY_HOST") or _settings.host
-_port = os.environ.get("GATEWAY_PORT") or os.environ.get("PORT") or _settings.port
-bind = os.environ.get("GATEWAY_BIND") or f"{_host}:{_port}"
+bind = listen_bind(_settings)
 # gunicorn's gevent worker plus deadlines for slow clients (server.client_header_timeout,
 # client_body_timeout, keepalive_timeout): gateway/ops/gunicorn_worker.py.
 worker_class = "gateway.ops.gunicorn_worker.DeadlineGeventWorker"

@@ -10,17 +10,15 @@ monkey.patch_all()
 import os  # noqa: E402
 
 from app import create_app  # noqa: E402
+from gateway.listen import listen_bind, split_bind  # noqa: E402
 from gateway.settings import load_settings  # noqa: E402
 
 
 def _bound_host(settings, env=os.environ) -> str:
-    """The address gunicorn really listens on (gunicorn.conf.py's precedence): the Host
-    header guard applies only to loopback binds, as Ollama's does, so it must follow
-    GATEWAY_BIND/GATEWAY_HOST (Docker sets 0.0.0.0) rather than the file's server.host."""
-    bind = env.get("GATEWAY_BIND")
-    if bind and not bind.startswith(("unix:", "fd://")):
-        return bind.rpartition(":")[0].strip("[]") or settings.host
-    return env.get("GATEWAY_HOST") or settings.host
+    """The address gunicorn really listens on: the Host header guard applies only to
+    loopback binds, as Ollama's does, so it must follow GATEWAY_BIND/GATEWAY_HOST (Docker
+    sets 0.0.0.0) rather than the file's server.host."""
+    return split_bind(listen_bind(settings, env))[0] or settings.host
 
 
 _settings = load_settings(os.environ.get("GATEWAY_CONFIG"))

@@ -25,9 +25,9 @@ class ToolCall:
 class Message:
     role: str                            # system | user | assistant | tool
     content: str = ""
-    images: list = field(default_factory=list)   # raw base64 strings, no data: prefix
+    images: list[str] = field(default_factory=list)   # raw base64 strings, no data: prefix
     thinking: Optional[str] = None
-    tool_calls: list = field(default_factory=list)  # [ToolCall]
+    tool_calls: list[ToolCall] = field(default_factory=list)
     tool_name: Optional[str] = None
     tool_call_id: Optional[str] = None
     # Opaque signature of `thinking` (Anthropic): goes back upstream with it; surfaces
@@ -49,7 +49,7 @@ class Options:
     frequency_penalty: Optional[float] = None
     seed: Optional[int] = None
     num_predict: Optional[int] = None     # None or negative: unbounded
-    stop: list = field(default_factory=list)
+    stop: list[str] = field(default_factory=list)
     num_ctx: Optional[int] = None
     num_batch: Optional[int] = None
     num_gpu: Optional[int] = None
@@ -71,10 +71,10 @@ Format = Union[None, str, dict]          # None | "json" | JSON schema
 @dataclass
 class ChatRequest:
     model: str                           # the name the client asked for (echoed back)
-    messages: list = field(default_factory=list)  # [Message]
+    messages: list[Message] = field(default_factory=list)
     options: Options = field(default_factory=Options)
     format: Format = None
-    tools: list = field(default_factory=list)     # [{"type":"function","function":{name,description,parameters}}]
+    tools: list[dict] = field(default_factory=list)   # [{"type":"function","function":{name,description,parameters}}]
     tool_choice: Any = None              # OpenAI form, passed to providers that support it
     think: Union[None, bool, str] = None
     thinking_budget: Optional[int] = None  # tokens, when the client named one (Anthropic)
@@ -100,7 +100,7 @@ class Chunk:
     """One piece of an answer. The last chunk has done=True and carries usage/metrics."""
     content: str = ""
     thinking: str = ""
-    tool_calls: list = field(default_factory=list)  # [ToolCall], each whole
+    tool_calls: list[ToolCall] = field(default_factory=list)  # each whole
     done: bool = False
     done_reason: Optional[str] = None    # stop | length | tool_calls | load | unload
     prompt_tokens: Optional[int] = None
@@ -118,7 +118,7 @@ class Chunk:
 @dataclass
 class EmbedRequest:
     model: str
-    inputs: list                         # [str]
+    inputs: list[str]
     truncate: bool = True
     dimensions: Optional[int] = None
     keep_alive: Optional[float] = None
@@ -127,7 +127,7 @@ class EmbedRequest:
 
 @dataclass
 class EmbedResult:
-    embeddings: list                     # [[float]]
+    embeddings: list[list[float]]
     prompt_tokens: Optional[int] = None
     load_duration: Optional[int] = None
 
@@ -143,12 +143,12 @@ class ModelCard:
     modified_at: float = 0.0             # epoch seconds
     format: str = "api"
     family: str = ""
-    families: list = field(default_factory=list)
+    families: list[str] = field(default_factory=list)
     parameter_size: str = ""
     quantization_level: str = ""
     context_length: Optional[int] = None
     embedding_length: Optional[int] = None
-    capabilities: list = field(default_factory=lambda: ["completion"])
+    capabilities: list[str] = field(default_factory=lambda: ["completion"])
     template: str = ""
     parameters: str = ""
     model_info: dict = field(default_factory=dict)

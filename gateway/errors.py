@@ -22,6 +22,8 @@ class GatewayError(Exception):
             self.status = status
         self.retry_after = retry_after
         self.code = code
+        # Set only where the exact unscrubbed text must reach the caller (model_not_found).
+        self.client_message: Optional[str] = None
 
     def __str__(self):
         return self.message

@@ -181,9 +181,6 @@ class Router:
         t = self.resolve(name)[0]
         t.provider.unload(t.upstream_id)
 
-    def target(self, name: str) -> Target:
-        return self.resolve(name)[0]
-
 
 class _prepend:
     """Iterator of `first` then the rest of `gen`; close() reaches the provider's

@@ -11,7 +11,7 @@ from typing import Iterator, Optional
 
 from gateway.canonical import ChatRequest, Chunk, Message, ToolCall
 from gateway.tool_calls import arguments_from_output, pair_tool_results
-from providers.openai_wire import sniff_mime
+from providers.media import sniff_mime
 
 DEFAULT_MAX_TOKENS = 4096
 MIN_BUDGET = 1024                 # Anthropic's smallest thinking budget

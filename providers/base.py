@@ -41,9 +41,9 @@ class Provider:
         return dict(cfg)
 
     def __init__(self, name: str, cfg: dict, settings=None):
+        # `settings` (the server's) is passed to every type; the built-in ones need none of it.
         self.name = name
         self.cfg = cfg
-        self.settings = settings
 
     # --- discovery -------------------------------------------------------------------
     @property

@@ -23,6 +23,7 @@ from gateway.tool_calls import new_call_id
 from providers import gemini_wire as wire
 from providers.remote import (PASS, ROTATE_AUTH, ROTATE_RATE, RemoteProvider, UpstreamHTTPError,
                               gather, parse_retry_after)
+from providers.vectors import l2_normalise
 
 log = logging.getLogger("gateway.upstream")
 
@@ -184,7 +185,7 @@ class GeminiProvider(RemoteProvider):
             vectors += [self._values(e) for e in got]
         if dims:
             # Truncated Gemini embeddings are not unit length; cosine users expect them to be.
-            vectors = [wire.l2_normalise(v[:dims]) for v in vectors]
+            vectors = [l2_normalise(v[:dims]) for v in vectors]
         return EmbedResult(embeddings=vectors)
 
     def count_tokens(self, req: ChatRequest, upstream_id: str) -> Optional[int]:

@@ -8,13 +8,13 @@ import base64
 import binascii
 import datetime
 import json
-import math
 import re
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from gateway.canonical import ChatRequest, Message, ToolCall
 from gateway.tool_calls import arguments_from_output, pair_tool_results
+from providers.media import sniff_mime
 from providers.schema_sanitize import sanitize_schema
 
 # Google documents this value as "skip validation" for function calls whose signature was
@@ -72,10 +72,6 @@ def signature_from_id(call_id: Optional[str]) -> Optional[str]:
 
 
 # ---- request ---------------------------------------------------------------------------
-_MAGIC = [(b"\x89PNG\r\n\x1a\n", "image/png"), (b"\xff\xd8\xff", "image/jpeg"),
-          (b"GIF87a", "image/gif"), (b"GIF89a", "image/gif"), (b"%PDF-", "application/pdf")]
-
-
 def image_part(image: str) -> dict:
     """inlineData for a base64 image; a data: URL prefix is accepted and its MIME kept."""
     data, mime = str(image).strip(), None
@@ -83,22 +79,7 @@ def image_part(image: str) -> dict:
         head, data = data.split(",", 1)
         mime = head[5:].split(";")[0] or None
     data = "".join(data.split())
-    return {"inlineData": {"mimeType": mime or sniff_mime(data), "data": data}}
-
-
-def sniff_mime(b64: str) -> str:
-    try:
-        head = base64.b64decode(b64[:64] + "=" * (-len(b64[:64]) % 4))
-    except (binascii.Error, ValueError):
-        head = b""
-    for magic, mime in _MAGIC:
-        if head.startswith(magic):
-            return mime
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return "image/webp"
-    if head[4:8] == b"ftyp" and head[8:12] in (b"heic", b"heix", b"mif1", b"msf1"):
-        return "image/heic"
-    return "image/jpeg"   # the commonest camera/screenshot format when nothing matches
+    return {"inlineData": {"mimeType": mime or sniff_mime(data, default="image/jpeg"), "data": data}}
 
 
 def _tool_response(content: str) -> dict:
@@ -333,11 +314,6 @@ def embed_content(text: str, dimensions: Optional[int]) -> dict:
     return body
 
 
-def l2_normalise(vec: list) -> list:
-    norm = math.sqrt(sum(float(x) * float(x) for x in vec))
-    return [float(x) / norm for x in vec] if norm > 0 else [float(x) for x in vec]
-
-
 # ---- error details ------------------------------------------------------------------------------
 def error_details(body) -> tuple:
     """(status, message, details list) of a Gemini error body (dict, or the shim's array)."""
@@ -346,9 +322,9 @@ def error_details(body) -> tuple:
     err = body.get("error") if isinstance(body, dict) else None
     if not isinstance(err, dict):
         return "", "", []
-    details = err.get("details") if isinstance(err.get("details"), list) else []
+    details = err.get("details")
     return str(err.get("status") or ""), str(err.get("message") or ""), \
-        [d for d in details if isinstance(d, dict)]
+        [d for d in details if isinstance(d, dict)] if isinstance(details, list) else []
 
 
 def parse_duration(value) -> Optional[float]:

@@ -18,10 +18,11 @@ import requests
 
 from gateway.canonical import ChatRequest, Chunk, EmbedRequest, EmbedResult, ModelCard
 from gateway.errors import UpstreamFailed, scrub
-from providers.openai_wire import (ThinkSplitter, ToolCallAccumulator, error_text,
-                                   finish_to_done_reason, reasoning_of, to_body, usage_into)
+from providers.openai_wire import (ToolCallAccumulator, error_text, finish_to_done_reason, reasoning_of,
+                                   to_body, usage_into)
 from providers.remote import (PASS, ROTATE_AUTH, ROTATE_RATE, ROTATE_TRANSIENT, RemoteProvider,
                               UpstreamHTTPError, gather, parse_retry_after)
+from providers.think import ThinkSplitter
 
 _STARTED = time.time()   # remote models have no file date; a stable one keeps lists steady
 _MODERATION_WORDS = ("moderation", "flagged")

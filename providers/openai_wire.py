@@ -4,13 +4,12 @@ No HTTP here, so every rule is testable with plain objects. Used by OpenAIProvid
 """
 from __future__ import annotations
 
-import base64
-import binascii
 from typing import Optional
 
 from gateway.canonical import ChatRequest, Chunk, Message, ToolCall
 from gateway.errors import BadRequest
 from gateway.tool_calls import arguments_from_output, arguments_text, new_call_id, pair_tool_results
+from providers.media import sniff_mime
 
 # OpenRouter names efforts minimal/low/medium/high; Ollama's "max" has no upstream peer.
 _EFFORT = {"minimal": "minimal", "low": "low", "medium": "medium", "high": "high",
@@ -21,27 +20,11 @@ _FINISH = {"stop": "stop", "length": "length", "tool_calls": "tool_calls",
 
 
 # ---- canonical -> OpenAI ----------------------------------------------------------------
-def sniff_mime(b64: str) -> str:
-    try:
-        head = base64.b64decode(b64[:16] + "=" * (-len(b64[:16]) % 4))
-    except (binascii.Error, ValueError):
-        return "image/png"
-    if head.startswith(b"\x89PNG"):
-        return "image/png"
-    if head.startswith(b"\xff\xd8\xff"):
-        return "image/jpeg"
-    if head.startswith(b"GIF8"):
-        return "image/gif"
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return "image/webp"
-    return "image/png"
-
-
 def image_url(img: str) -> str:
     img = str(img).strip()
     if img.startswith("data:"):          # clients should strip it; accept it anyway
         return img
-    return f"data:{sniff_mime(img)};base64,{img}"
+    return f"data:{sniff_mime(img, default='image/png')};base64,{img}"
 
 
 def _user_content(m: Message):
@@ -156,63 +139,6 @@ class ToolCallAccumulator:
                         id=c["id"] or new_call_id(), index=i) for i, c in enumerate(self._calls)]
         self._calls, self._by_index = [], {}
         return out
-
-
-class ThinkSplitter:
-    """DeepSeek-R1 style `<think>…</think>` at the start of `content` becomes thinking.
-    Tags may be split across chunks, so a possible partial tag is held back. Only a tag
-    at the very start opens thinking: an answer that merely mentions <think> is left as is."""
-    OPEN, CLOSE = "<think>", "</think>"
-
-    def __init__(self):
-        self.state = "start"             # start | think | after | text
-        self.buf = ""
-
-    def feed(self, text: str):
-        """(content, thinking) to emit now."""
-        self.buf += text
-        content, thinking = "", ""
-        while self.buf:
-            if self.state == "start":
-                s = self.buf.lstrip()
-                if s.startswith(self.OPEN):
-                    self.buf, self.state = s[len(self.OPEN):], "think"
-                    continue
-                if self.OPEN.startswith(s):          # maybe a tag still arriving
-                    break
-                self.state = "text"
-            elif self.state == "think":
-                end = self.buf.find(self.CLOSE)
-                if end >= 0:
-                    thinking += self.buf[:end]
-                    self.buf, self.state = self.buf[end + len(self.CLOSE):], "after"
-                    continue
-                keep = _partial_suffix(self.buf, self.CLOSE)
-                thinking += self.buf[:len(self.buf) - keep]
-                self.buf = self.buf[len(self.buf) - keep:]
-                break
-            elif self.state == "after":
-                # The blank lines R1 puts between </think> and the answer are not content.
-                self.buf = self.buf.lstrip()
-                if self.buf:
-                    self.state = "text"
-            else:
-                content += self.buf
-                self.buf = ""
-        return content, thinking
-
-    def flush(self):
-        rest, self.buf = self.buf, ""
-        if self.state == "think":
-            return "", rest
-        return ("" if self.state == "after" else rest), ""
-
-
-def _partial_suffix(text: str, tag: str) -> int:
-    for k in range(min(len(tag) - 1, len(text)), 0, -1):
-        if text.endswith(tag[:k]):
-            return k
-    return 0
 
 
 def usage_into(chunk: Chunk, usage) -> None:

@@ -22,9 +22,9 @@ from requests.structures import CaseInsensitiveDict
 
 from gateway import reqctx
 from gateway.canonical import Chunk, ModelCard
-from gateway.http.streaming import more_ready
 from gateway.errors import (BadRequest, GatewayError, Passthrough, RateLimited, UpstreamFailed,
                             UpstreamTimeout, scrub)
+from gateway.reqctx import more_ready
 from providers.remote_config import RemoteConfig
 from providers.keypool import AUTH, RATE, TRANSIENT, KeyPool
 
@@ -323,24 +323,15 @@ def set_idle_timeout(resp: requests.Response, seconds: float) -> None:
         pass
 
 
-def _decode_str(data: bytes) -> str:
-    return data.decode("utf-8", "replace")
-
-
-def iter_sse_data(resp: requests.Response) -> Iterator[str]:
-    """Yield each SSE event's data as soon as its blank line arrives (no read-ahead
-    buffering). Accepts LF or CRLF, joins multi-line data, skips comments and other
-    fields. A final event without its blank line is still delivered."""
-    return _sse_events(resp, _decode_str)
-
-
 def _sse_events(resp, convert) -> Iterator:
-    """iter_sse_data with each event's bytes passed through `convert` (a result of _STOP
-    ends the stream there): sse_json decodes JSON in the same pass, without a second
-    generator per event.
+    """Each SSE event's data as soon as its blank line arrives (no read-ahead buffering),
+    passed through `convert` (a result of _STOP ends the stream there): sse_json decodes
+    JSON in the same pass, without a second generator per event. Accepts LF or CRLF, joins
+    multi-line data, skips comments and other fields; a final event without its blank
+    line is still delivered.
 
     While the surface that drives the stream has put a hint in the context
-    (gateway.http.streaming.more_ready), item 0 says whether another whole event has
+    (gateway.reqctx.more_ready), item 0 says whether another whole event has
     already arrived after the one just yielded: the surface may then write the chunks
     of one burst together, and it never holds anything while this reader would wait."""
     raw = resp.raw
@@ -396,12 +387,6 @@ def _sse_events(resp, convert) -> Iterator:
             yield out
 
 
-def require_keys_json(obj, what: str):
-    if not isinstance(obj, dict):
-        raise UpstreamFailed(f"{what}: upstream answered something that is not a JSON object")
-    return obj
-
-
 # ---- the transport ------------------------------------------------------------------------
 # requests costs ~0.7 ms of CPU per call (session merging, PreparedRequest, urllib3's
 # pool/Retry/Timeout objects, http.client's email-parser header parsing, cookie jars) and
@@ -410,7 +395,7 @@ def require_keys_json(obj, what: str):
 # was a third of the gateway's CPU. Transport is a small HTTP/1.1 client with the same
 # contract: requests' exceptions (ConnectTimeout, ReadTimeout, ConnectionError,
 # ChunkedEncodingError, InvalidHeader), a requests.Response with `raw` readable by
-# iter_sse_data/read_error_body, a LIFO keep-alive pool that never blocks, and the
+# _sse_events/read_error_body, a LIFO keep-alive pool that never blocks, and the
 # connection returned to the pool once the body has been read to its end.
 
 def _requests_transport_replaced() -> bool:
@@ -653,7 +638,7 @@ def _read_head(sock):
 
 class Body:
     """A response body over a pooled connection, de-chunked and decompressed: read1()
-    for iter_sse_data, read()/stream() for read_error_body and requests' .content.
+    for _sse_events, read()/stream() for read_error_body and requests' .content.
     Reading it to its end returns the connection to the pool; close() before that
     closes the connection, unless the rest has already arrived (then it is drained)."""
 
@@ -871,5 +856,5 @@ class Body:
             _close(sock)
 
 
-__all__ = ["RemoteProvider", "UpstreamHTTPError", "parse_retry_after", "iter_sse_data",
+__all__ = ["RemoteProvider", "UpstreamHTTPError", "parse_retry_after",
            "ROTATE_AUTH", "ROTATE_RATE", "ROTATE_TRANSIENT", "PASS", "BadRequest"]

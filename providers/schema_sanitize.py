@@ -45,10 +45,10 @@ def _clean(s: dict, root: dict, depth: int, seen: tuple) -> dict:
         ref = s["$ref"]
         target = _resolve(ref, root)
         if target is None or ref in seen:      # a recursive type cannot be inlined
-            out = {"type": "OBJECT"}
+            stub = {"type": "OBJECT"}
             if isinstance(s.get("description"), str):
-                out["description"] = s["description"]
-            return out
+                stub["description"] = s["description"]
+            return stub
         merged = dict(target)
         merged.update({k: v for k, v in s.items() if k != "$ref"})
         return _clean(merged, root, depth + 1, seen + (ref,))
@@ -122,7 +122,7 @@ def _clean(s: dict, root: dict, depth: int, seen: tuple) -> dict:
     t = out.get("type")
 
     fmt = s.get("format")
-    if "format" not in out and isinstance(fmt, str) and fmt in _FORMATS.get(t, ()):
+    if "format" not in out and isinstance(fmt, str) and fmt in _FORMATS.get(t or "", ()):
         out["format"] = fmt
     if isinstance(s.get("description"), str):
         out["description"] = s["description"]

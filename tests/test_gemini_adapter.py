@@ -15,7 +15,7 @@ from gateway.canonical import ChatRequest, EmbedRequest, Message, Options, ToolC
 from gateway.errors import (BadRequest, Passthrough, RateLimited, UpstreamFailed)
 from providers import gemini_wire as wire
 from providers.gemini import GeminiProvider
-from providers.remote import UpstreamHTTPError, iter_sse_data
+from providers.remote import UpstreamHTTPError
 from providers.schema_sanitize import sanitize_schema
 
 BASE = "https://gemini.test/v1beta"
@@ -457,19 +457,6 @@ def test_client_disconnect_closes_upstream():
     assert fake.closed
 
 
-def test_iter_sse_data_without_read1():
-    class Raw:                                   # like a mocked raw object lacking read1
-        def __init__(self, data):
-            self._b = io.BytesIO(data)
-
-        def read(self, n=-1, **kw):
-            return self._b.read(n)
-
-    class R:
-        raw = Raw(b'data: {"a":1}\r\n\r\n: comment\ndata: {"b":\ndata: 2}\n\ndata: {"c":3}')
-    assert list(iter_sse_data(R())) == ['{"a":1}', '{"b":\n2}', '{"c":3}']
-
-
 # ---- non-stream --------------------------------------------------------------------------------
 @responses.activate
 def test_non_stream_request_streams_upstream_and_gathers():
@@ -715,9 +702,10 @@ def test_non_stream_passthrough_keeps_message():
 
 
 def test_l2_normalise():
-    v = wire.l2_normalise([1.0, 1.0, 1.0, 1.0])
+    from providers.vectors import l2_normalise
+    v = l2_normalise([1.0, 1.0, 1.0, 1.0])
     assert math.isclose(sum(x * x for x in v), 1.0)
-    assert wire.l2_normalise([0.0, 0.0]) == [0.0, 0.0]
+    assert l2_normalise([0.0, 0.0]) == [0.0, 0.0]
 
 
 def test_requests_session_ignores_env_proxies():

@@ -4,6 +4,7 @@ The Flask test client covers framing and fields on both surfaces (tiny generated
 gunicorn + gevent covers what only a real server shows: a remote stream flowing while a
 local model generates, the queue limit, a disconnect freeing the model, 8 clients at once.
 """
+import io
 import json
 import threading
 import time
@@ -144,6 +145,27 @@ def test_bad_option_types_are_400_naming_the_field(client):
     r = client.post("/api/chat", json={"model": "local:tiny", "options": {"num_predict": "many"},
                                        "messages": [{"role": "user", "content": "x"}]})
     assert r.status_code == 400 and "num_predict" in r.get_json()["error"]
+
+
+def test_alias_stream_whose_load_outlasts_the_heartbeat_logs_its_provider(make_app, fake_upstream,
+                                                                          tiny_paths, tmp_path):
+    import logging
+    cfg = local_config(fake_upstream, tiny_paths, tmp_path)
+    cfg["server"]["heartbeat"] = 0.001         # the model's load takes far longer
+    cfg["aliases"] = {"tinyalias": ["local:tiny"]}
+    c = make_app(cfg).test_client()
+    buf = io.StringIO()
+    h = logging.StreamHandler(buf)
+    logging.getLogger("gateway.access").addHandler(h)
+    try:
+        out = ndjson(c.post("/api/chat", json={"model": "tinyalias", "options": OPTS,
+                                               "messages": [{"role": "user", "content": "hi"}]}))
+    finally:
+        logging.getLogger("gateway.access").removeHandler(h)
+    assert out[0]["message"]["content"] == "" and not out[0]["done"], "a heartbeat went out first"
+    assert out[-1]["done"] and out[-1]["eval_count"] >= 1
+    (line,) = [json.loads(x) for x in buf.getvalue().splitlines()]
+    assert line["model"] == "tinyalias" and line["provider"] == "local" and line["status"] == 200
 
 
 # ---- under gunicorn + gevent --------------------------------------------------------------

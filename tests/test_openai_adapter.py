@@ -13,7 +13,8 @@ from responses import matchers
 from gateway.canonical import ChatRequest, EmbedRequest, Message, Options, ToolCall
 from gateway.errors import (Passthrough, RateLimited, UpstreamFailed, UpstreamTimeout)
 from providers.openai_compat import OpenAIProvider
-from providers.openai_wire import ThinkSplitter, sniff_mime, to_body
+from providers.openai_wire import sniff_mime, to_body
+from providers.think import ThinkSplitter
 from providers.remote import UpstreamHTTPError
 
 BASE = "https://upstream.test/api/v1"
@@ -107,6 +108,8 @@ WEBP = base64.b64encode(b"RIFF\x10\0\0\0WEBPVP8 " + b"\0" * 20).decode()
                                        ("!!not base64!!", "image/png")])
 def test_sniff_mime(data, mime):
     assert sniff_mime(data) == mime
+    unknown = mime == "image/png" and not data.startswith(PNG[:8])
+    assert sniff_mime(data, default="image/jpeg") == ("image/jpeg" if unknown else mime)
 
 
 def test_messages_system_user_images():

@@ -65,6 +65,28 @@ def test_listen_precedence():
     a.port, a.host = 9, "127.0.0.2"
     assert listen_address(a, s, env={"GATEWAY_PORT": "8"}) == ("127.0.0.2", 9)
     assert listen_address(A, build_settings({}, env={}), env={}) == ("127.0.0.1", 11434)
+    assert listen_address(A, s, env={"GATEWAY_BIND": "[::1]:5", "GATEWAY_HOST": "0.0.0.0"}) == ("::1", 5)
+    b = A()
+    b.bind = "127.0.0.3:6"
+    assert listen_address(b, s, env={"GATEWAY_BIND": "0.0.0.0:5"}) == ("127.0.0.3", 6)
+    with pytest.raises(SystemExit, match="HOST:PORT only.*run gunicorn"):
+        listen_address(A, s, env={"GATEWAY_BIND": "unix:/run/gw.sock"})
+
+
+def test_gunicorn_and_the_host_guard_share_the_listen_precedence(monkeypatch):
+    """gunicorn.conf.py's bind and wsgi.py's idea of the bound host come from the same
+    place as the development server's: flags aside, the same answer."""
+    import runpy
+    from gateway.listen import listen_bind
+    s = build_settings({"server": {"host": "10.0.0.1", "port": 1234}}, env={})
+    assert listen_bind(s, env={}) == "10.0.0.1:1234"
+    assert listen_bind(s, env={"GATEWAY_HOST": "::", "PORT": "7"}) == "[::]:7"
+    assert listen_bind(s, env={"GATEWAY_BIND": "unix:/run/gw.sock", "GATEWAY_HOST": "0.0.0.0"}) == "unix:/run/gw.sock"
+    monkeypatch.setenv("GATEWAY_CONFIG", os.path.join(ROOT, "config", "gateway.yaml"))
+    monkeypatch.setenv("GATEWAY_HOST", "0.0.0.0")
+    monkeypatch.setenv("GATEWAY_PORT", "8123")
+    monkeypatch.delenv("GATEWAY_BIND", raising=False)
+    assert runpy.run_path(os.path.join(ROOT, "gunicorn.conf.py"))["bind"] == "0.0.0.0:8123"
 
 
 def test_bad_config_stops_start_with_one_line(tmp_path):

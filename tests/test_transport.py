@@ -6,13 +6,19 @@ transport, so they never reach this code.)"""
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import random
 
 import requests
 from requests.structures import CaseInsensitiveDict
 
-from providers.remote import Body, Transport, iter_sse_data, read_error_body
+from providers.remote import Body, Transport, _sse_events, read_error_body
+
+
+def iter_sse_data(resp):
+    """Each event's data as text: the SSE reader with no per-event decoding."""
+    return _sse_events(resp, lambda b: b.decode("utf-8", "replace"))
 
 
 class FakeSock:
@@ -125,3 +131,16 @@ def test_transport_against_the_fake_upstream(fake_upstream):
         raise AssertionError("header injection must be refused")
     except requests.exceptions.InvalidHeader:
         pass
+
+
+def test_sse_events_from_a_raw_body_without_read1():
+    class Raw:                                   # like a mocked raw object lacking read1
+        def __init__(self, data):
+            self._b = io.BytesIO(data)
+
+        def read(self, n=-1, **kw):
+            return self._b.read(n)
+
+    class R:
+        raw = Raw(b'data: {"a":1}\r\n\r\n: comment\ndata: {"b":\ndata: 2}\n\ndata: {"c":3}')
+    assert list(iter_sse_data(R())) == ['{"a":1}', '{"b":\n2}', '{"c":3}']

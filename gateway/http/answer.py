@@ -41,20 +41,27 @@ def start_chat(st, req, tally, record, heartbeat=False):
     interval = st.settings.heartbeat
     if st.settings.log_prompts:          # opt-in only: prompts are people's data
         record["prompt"] = prompt_text(req)
+
+    def start():
+        chunks = st.router.chat(req)
+        # Recorded as soon as the answer starts: on a heartbeat this runs in the
+        # background, before the Deferred hands out the first real chunk.
+        target = getattr(chunks, "target", None)
+        record["provider"] = target.provider.name if target else None
+        return chunks
+
     try:
         if heartbeat and interval > 0 and req.stream:
-            chunks, pending = await_first(lambda: st.router.chat(req), interval)
+            chunks, pending = await_first(start, interval)
             if pending is not None:
                 return Deferred(pending, interval)
         else:
-            chunks = st.router.chat(req)
+            chunks = start()
     except GatewayError as e:
         tally.error = e
         record.update(tally.summary())
         st.finished(record)
         raise
-    target = getattr(chunks, "target", None)
-    record["provider"] = target.provider.name if target else None
     return chunks
 
 

@@ -9,23 +9,16 @@ from __future__ import annotations
 import contextvars
 import threading
 
-_gevent = None   # the gevent module when threading is monkey-patched (gunicorn's worker)
+from gateway.concurrency import gevent_active
 
 
 def _green():
-    global _gevent
-    if _gevent is None:
-        try:
-            from gevent import monkey
-            if monkey.is_module_patched("threading"):
-                import gevent
-                import gevent.event
-                _gevent = gevent
-            else:
-                _gevent = False
-        except ImportError:
-            _gevent = False
-    return _gevent
+    """The gevent module when threading is monkey-patched (gunicorn's worker), else None."""
+    if gevent_active():
+        import gevent
+        import gevent.event
+        return gevent
+    return None
 
 
 def _background(fn, *args):

@@ -13,6 +13,7 @@ import json
 import time
 import uuid
 from json.encoder import encode_basestring as encode_str
+from typing import Optional
 
 from gateway.canonical import ChatRequest, Chunk, Message, ToolCall
 from gateway.errors import BadRequest
@@ -72,7 +73,9 @@ def _reasoning_in(item) -> tuple:
 
 def _input(items, messages: list) -> None:
     names: dict = {}
-    pending_think = ["", None]          # a reasoning item belongs to the next assistant turn
+    # a reasoning item belongs to the next assistant turn: its thinking and signature wait here
+    pending_text: list = [""]
+    pending_sig: list = [None]
 
     def assistant() -> Message:
         if messages and messages[-1].role == "assistant":
@@ -82,10 +85,10 @@ def _input(items, messages: list) -> None:
         return m
 
     def take_thinking(m: Message):
-        if pending_think[0] or pending_think[1]:
-            m.thinking = (m.thinking or "") + pending_think[0]
-            m.thinking_signature = pending_think[1] or m.thinking_signature
-            pending_think[0], pending_think[1] = "", None
+        if pending_text[0] or pending_sig[0]:
+            m.thinking = (m.thinking or "") + pending_text[0]
+            m.thinking_signature = pending_sig[0] or m.thinking_signature
+            pending_text[0], pending_sig[0] = "", None
 
     for i, it in enumerate(items):
         f = f"input[{i}]"
@@ -129,8 +132,8 @@ def _input(items, messages: list) -> None:
             messages.append(Message(role="tool", content=out, tool_call_id=cid, tool_name=names.get(cid)))
         elif kind == "reasoning":
             think, sig = _reasoning_in(it)
-            pending_think[0] += think
-            pending_think[1] = sig or pending_think[1]
+            pending_text[0] += think
+            pending_sig[0] = sig or pending_sig[0]
         elif kind == "item_reference":
             raise _bad(f, "item references need stored responses; this gateway is stateless "
                           "(send the whole conversation in input)")
@@ -275,8 +278,8 @@ def usage(final: Chunk) -> dict:
             "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": p + c}
 
 
-def status_of(final: Chunk) -> str:
-    return "incomplete" if final.done_reason == "length" else "completed"
+def status_of(final: Optional[Chunk]) -> str:
+    return "incomplete" if final is not None and final.done_reason == "length" else "completed"
 
 
 def reasoning_item(item_id: str, thinking: str, signature: str) -> dict:

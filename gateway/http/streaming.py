@@ -4,21 +4,14 @@ from __future__ import annotations
 
 import logging
 import time
-from contextvars import ContextVar
+from typing import Optional
 
-from gateway.canonical import Chunk
+from gateway.canonical import Chunk, ToolCall
 from gateway.errors import GatewayError, scrub
+from gateway.reqctx import more_ready
 
 log = logging.getLogger("gateway.stream")
 
-# Output coalescing. drive() puts a one-item list here while it streams; a provider that
-# knows the next chunk is already in hand (parsed from bytes that have arrived, e.g.
-# providers.remote.iter_sse_data) sets item 0 to True. drive() then keeps the rendered
-# chunk and sends it together with the next ones, in one write, instead of one write
-# (one syscall and one wake-up of the client) per chunk. Nothing waits on the network
-# while held: a hint is only True when the next event is already parsed. A provider that
-# never sets it (local models) gets one write per chunk, as before.
-more_ready: ContextVar = ContextVar("gateway_more_ready", default=None)
 _MAX_HELD = 64
 _active = 0      # streams being written now; a leak (a stream never closed) shows here
 
@@ -34,13 +27,13 @@ class Tally:
 
     def __init__(self, t0: float):
         self.t0 = t0
-        self.t_first = None
-        self.t_end = None
-        self.content = []
-        self.thinking = []
-        self.tool_calls = []
-        self.final = None
-        self.error = None
+        self.t_first: Optional[float] = None
+        self.t_end: Optional[float] = None
+        self.content: list[str] = []
+        self.thinking: list[str] = []
+        self.tool_calls: list[ToolCall] = []
+        self.final: Optional[Chunk] = None
+        self.error: Optional[GatewayError] = None
         self.chunks = 0
         self.signature = ""
 
@@ -99,7 +92,8 @@ def drive(chunks, tally: Tally, on_chunk, on_error, on_finish, heartbeat=None):
     can pass it straight to the server: `direct_passthrough=True`); end with on_error's
     rendering on a failure. Always closes `chunks` (a client disconnect closes the
     upstream). A None item from `chunks` is a heartbeat while the answer has not started.
-    Chunks that arrived together upstream go out in one piece (see `more_ready`)."""
+    Chunks that arrived together upstream go out in one piece (see
+    `gateway.reqctx.more_ready`)."""
     global _active
     hint = [False]
     more_ready.set(hint)

@@ -25,6 +25,7 @@ import threading
 import time
 from typing import Optional
 
+from gateway.concurrency import run_blocking as _blocking
 from gateway.errors import BadRequest, NotFound, scrub
 
 log = logging.getLogger("gateway.usage")
@@ -61,22 +62,6 @@ CREATE INDEX IF NOT EXISTS usage_ts ON usage (ts);
 COLUMNS = ("ts", "client_key", "route", "provider", "model", "key_index", "status", "stream",
            "prompt_tokens", "completion_tokens", "latency_ms", "ttft_ms")
 _INSERT = f"INSERT INTO usage ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
-
-
-def _gevent_patched() -> bool:
-    try:
-        from gevent import monkey
-        return monkey.is_module_patched("threading")
-    except ImportError:
-        return False
-
-
-def _blocking(fn, *args):
-    """Run blocking SQLite work off the event loop when gevent runs it."""
-    if _gevent_patched():
-        import gevent
-        return gevent.get_hub().threadpool.apply(fn, args)
-    return fn(*args)
 
 
 def db_path(settings) -> Optional[str]:

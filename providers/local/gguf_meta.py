@@ -39,9 +39,6 @@ FILE_TYPES = {
 _GGML_TYPE_NAMES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0",
                     10: "Q2_K", 11: "Q3_K", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K", 30: "BF16"}
 
-POOLING = {0: "none", 1: "mean", 2: "cls", 3: "last", 4: "rank"}
-
-
 class GGUFError(ValueError):
     pass
 

@@ -15,19 +15,9 @@ queues behind it.
 from __future__ import annotations
 
 import os
-import sys
 import threading
 
-
-def gevent_active() -> bool:
-    """True when gevent has monkey-patched threading (gunicorn's gevent worker)."""
-    if "gevent" not in sys.modules:
-        return False
-    try:
-        from gevent import monkey
-    except ImportError:  # pragma: no cover
-        return False
-    return bool(monkey.is_module_patched("threading"))
+from gateway.concurrency import gevent_active, run_blocking  # noqa: F401 (used by siblings)
 
 
 def cpu_count() -> int:
@@ -35,14 +25,6 @@ def cpu_count() -> int:
         return len(os.sched_getaffinity(0)) or 1
     except (AttributeError, OSError):  # pragma: no cover - not Linux
         return os.cpu_count() or 1
-
-
-def run_blocking(fn, *args):
-    """Run a blocking call (file hashing, package assembly) off the hub when under gevent."""
-    if gevent_active():
-        import gevent
-        return gevent.get_hub().threadpool.apply(fn, args)
-    return fn(*args)
 
 
 class _Done:

@@ -8,10 +8,10 @@ import re
 from typing import Optional
 
 from gateway.canonical import ToolCall
+from providers.think import THINK_CLOSE, THINK_OPEN, partial_suffix
 from gateway.tool_calls import arguments_from_output, new_call_id, pair_tool_results
 
 TOOL_OPEN, TOOL_CLOSE = "<tool_call>", "</tool_call>"
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
 _formatters: dict = {}
 
@@ -127,7 +127,7 @@ class OutputParser:
                 if i >= 0 and (pos < 0 or i < pos):
                     hit, pos = m, i
             if hit is None:
-                hold = _partial_suffix(self.pending, markers)
+                hold = partial_suffix(self.pending, markers)
                 cut = len(self.pending) - hold
                 self._emit(out, self.mode, self.pending[:cut])
                 self.pending = self.pending[cut:]
@@ -171,17 +171,6 @@ class OutputParser:
                 self._emit(out, "content", rest)
             self.captured = ""
         return out, calls
-
-
-def _partial_suffix(text: str, markers: list) -> int:
-    """Length of the longest tail of `text` that is a proper prefix of some marker."""
-    best = 0
-    for m in markers:
-        for n in range(min(len(m) - 1, len(text)), best, -1):
-            if text.endswith(m[:n]):
-                best = n
-                break
-    return best
 
 
 _TOOL_BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.S)

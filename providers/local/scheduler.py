@@ -124,12 +124,6 @@ class Lease:
             self._released = True
             self.sched._release(self.runner)
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.release()
-
 
 class _Ticket:
     __slots__ = ("name", "n_ctx")

@@ -186,7 +186,7 @@ class LocalModel:
             return True
         info = self.info()
         pt = info.pooling_type if info else None
-        return bool(pt) and pt > 0
+        return pt is not None and pt > 0
 
     @property
     def template(self) -> str:
