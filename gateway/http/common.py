@@ -266,7 +266,7 @@ def count_input_tokens(st, req) -> int:
     input_tokens): the provider's own count where it has one (local tokenizer, Gemini,
     Anthropic), else estimate_tokens. A count that fails upstream is estimated too:
     agents budget their context by this answer."""
-    target = st.router.target(req.model)
+    target = st.router.resolve(req.model)[0]
     try:
         n = target.provider.count_tokens(req, target.upstream_id)
     except GatewayError as e:
