@@ -174,6 +174,21 @@ def test_responses_sdk_function_call_round_trip_to_anthropic(gw, fake_upstream):
                                                                 "content": "sunny"}
 
 
+def test_signed_thinking_survives_a_round_trip_through_the_responses_surface(gw, fake_upstream):
+    import openai
+    c = openai.OpenAI(base_url=gw.url + "/v1", api_key="unused", max_retries=0)
+    r = c.responses.create(model="ant:claude-think", input="ponder", reasoning={"effort": "low"})
+    rs = r.output[0]
+    assert rs.type == "reasoning" and rs.summary[0].text == "Let me think." and rs.encrypted_content
+    again = c.responses.create(model="ant:claude-think", reasoning={"effort": "low"}, input=[
+        {"role": "user", "content": "ponder"}, rs.model_dump(exclude_none=True),
+        {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": r.output_text}]},
+        {"role": "user", "content": "again"}])
+    assert again.output_text == "Echo: again"
+    assert sent(fake_upstream)["messages"][1]["content"][0] == {
+        "type": "thinking", "thinking": "Let me think.", "signature": signature("Let me think.")}
+
+
 def test_openai_and_ollama_surfaces_reach_anthropic_tool_results_paired(make_app, fake_upstream):
     app = make_app(config(fake_upstream)).test_client()
     r = app.post("/v1/chat/completions", json={"model": "ant:claude-tools", "tools": OAI_TOOLS,
