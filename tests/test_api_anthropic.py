@@ -306,6 +306,9 @@ def test_every_block_type_translates_to_the_canonical_model():
     assert req.think == "low" and req.thinking_budget == 2000
     assert req.tool_choice == {"type": "function", "function": {"name": "get_weather"}}
     assert [t["function"]["name"] for t in req.tools] == ["get_weather"]   # server tools dropped
+    lone = wire.chat_request({"model": "m", "max_tokens": 5, "tool_choice": {"type": "any"},
+                              "messages": [{"role": "user", "content": "q"}]})
+    assert lone.tool_choice is None
 
 
 def test_canonical_answers_render_as_anthropic_blocks():

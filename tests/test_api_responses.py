@@ -197,6 +197,7 @@ def test_every_item_type_translates_to_the_canonical_model():
     assert [(t.id, t.arguments) for t in m[2].tool_calls] == [("c1", {"city": "Oslo"}), ("c2", {})]
     assert (m[3].tool_call_id, m[3].tool_name, m[4].content) == ("c1", "get_weather", "warm")
     assert req.think == "high" and req.format == {"type": "object"}
+    assert wire.chat_request({"model": "m", "input": "x", "tool_choice": "required"}).tool_choice is None
     assert req.tool_choice == {"type": "function", "function": {"name": "get_weather"}}
 
 

@@ -209,8 +209,11 @@ def chat_request(body: dict, count_only: bool = False) -> ChatRequest:
         messages.append(Message(role="system", content=_text_of(system, "system")))
     for i, m in enumerate(msgs):
         messages.extend(_message(m, i, names))
-    req = ChatRequest(model=get_model(body), messages=messages, tools=_tools(body.get("tools")),
-                      tool_choice=_tool_choice(body.get("tool_choice")))
+    tools = _tools(body.get("tools"))
+    choice = _tool_choice(body.get("tool_choice"))
+    # without tools a choice means nothing, and OpenAI-type upstreams refuse it
+    req = ChatRequest(model=get_model(body), messages=messages, tools=tools,
+                      tool_choice=choice if tools else None)
     o = req.options
     mt = get_number(body, "max_tokens", integer=True, minimum=1)
     if mt is None and not count_only:

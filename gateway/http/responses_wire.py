@@ -223,8 +223,11 @@ def chat_request(body: dict) -> ChatRequest:
         raise BadRequest("input is required")
     else:
         raise _bad("input", "expected a string or a list of input items")
-    req = ChatRequest(model=get_model(body), messages=messages, tools=_tools(body.get("tools")),
-                      tool_choice=_tool_choice(body.get("tool_choice")), format=_format(body.get("text")))
+    tools = _tools(body.get("tools"))
+    choice = _tool_choice(body.get("tool_choice"))
+    # without tools a choice means nothing, and OpenAI-type upstreams refuse it
+    req = ChatRequest(model=get_model(body), messages=messages, tools=tools,
+                      tool_choice=choice if tools else None, format=_format(body.get("text")))
     o = req.options
     o.temperature = get_number(body, "temperature", minimum=0, maximum=2)
     o.top_p = get_number(body, "top_p", minimum=0, maximum=1)
