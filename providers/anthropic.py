@@ -33,6 +33,7 @@ class AnthropicProvider(RemoteProvider, AnthropicConfig):
         super().__init__(name, cfg, settings)
         self.version = str(cfg.get("anthropic_version") or "2023-06-01")
         self.max_tokens = int(cfg.get("max_tokens") or wire.DEFAULT_MAX_TOKENS)
+        self.prompt_cache = cfg.get("prompt_cache") is not False
 
     def auth_headers(self, key: str) -> dict:
         return {"x-api-key": key, "anthropic-version": self.version}
@@ -81,7 +82,7 @@ class AnthropicProvider(RemoteProvider, AnthropicConfig):
     def chat(self, req: ChatRequest, upstream_id: str) -> Iterator[Chunk]:
         # A generator: nothing is sent until the first next(), so the caller sees
         # pre-stream errors (429/502/...) before it starts its own response.
-        body = wire.to_body(req, upstream_id, self.max_tokens)
+        body = wire.to_body(req, upstream_id, self.max_tokens, cache=self.prompt_cache)
         resp = self.send("POST", "/messages", body, stream=True)
         try:
             chunks = self._chunks(resp)

@@ -115,7 +115,7 @@ def _tool_choice(tc):
 
 
 def to_body(req: ChatRequest, upstream_id: str, default_max_tokens: int = DEFAULT_MAX_TOKENS,
-            count_only: bool = False) -> dict:
+            count_only: bool = False, cache: bool = False) -> dict:
     system, messages = to_messages(req.messages)
     body: dict = {"model": upstream_id, "messages": messages}
     if system:
@@ -154,7 +154,30 @@ def to_body(req: ChatRequest, upstream_id: str, default_max_tokens: int = DEFAUL
         body["top_p"] = o.top_p if thinking is None else max(0.95, o.top_p)
     if o.stop:
         body["stop_sequences"] = list(o.stop)
+    if cache:
+        mark_cache(body)
     return body
+
+
+_EPHEMERAL = {"type": "ephemeral"}
+
+
+def mark_cache(body: dict) -> None:
+    """Prompt-cache breakpoints where an agent loop re-reads its prefix: after the tools,
+    after the system prompt and at the end of the conversation (Anthropic reads the longest
+    cached prefix back; a prompt under its minimum is simply not cached). Clients' own
+    cache_control markers do not survive the canonical model, so these stand in for them."""
+    if body.get("tools"):
+        body["tools"][-1] = {**body["tools"][-1], "cache_control": _EPHEMERAL}
+    if body.get("system"):
+        body["system"] = [{"type": "text", "text": body["system"], "cache_control": _EPHEMERAL}]
+    msgs = body.get("messages") or []
+    if msgs:
+        blocks = msgs[-1]["content"]
+        for i in range(len(blocks) - 1, -1, -1):
+            if blocks[i]["type"] in ("text", "image", "tool_use", "tool_result"):
+                blocks[i] = {**blocks[i], "cache_control": _EPHEMERAL}
+                break
 
 
 # ---- Anthropic -> canonical ------------------------------------------------------------------

@@ -64,6 +64,19 @@ def test_requests_become_what_anthropic_accepts():
     assert check(body, {"anthropic-version": "2023-06-01"}) is None
 
 
+def test_cache_breakpoints_after_tools_system_and_the_last_message():
+    req = ChatRequest(model="m", tools=OAI_TOOLS, messages=[
+        Message(role="system", content="sys"), Message(role="user", content="q"),
+        Message(role="assistant", content="a", thinking="t", thinking_signature=signature("t")),
+        Message(role="user", content="more", images=["iVBORw0KGgo="])])
+    body = wire.to_body(req, "c", cache=True)
+    eph = {"type": "ephemeral"}
+    assert body["tools"][-1]["cache_control"] == eph and body["system"][0]["cache_control"] == eph
+    assert [b.get("cache_control") for b in body["messages"][-1]["content"]] == [None, eph]
+    assert check(body, {"anthropic-version": "v"}) is None
+    assert "cache_control" not in json.dumps(wire.to_body(req, "c"))
+
+
 def test_thinking_budget_fits_max_tokens_and_drops_sampling_it_forbids():
     req = ChatRequest(model="m", think="high", options=Options(temperature=0.2, top_k=4, top_p=0.5, num_predict=5000),
                       messages=[Message(role="user", content="q")])
@@ -133,7 +146,8 @@ def test_sdk_through_the_gateway_to_anthropic_tools_and_signed_thinking(gw, fake
                           messages=[{"role": "user", "content": "hello"}])
     assert r.content[0].text == "Echo: hello" and r.usage.input_tokens == 11
     body = sent(fake_upstream)
-    assert body["system"] == "sys" and body["max_tokens"] == 100
+    assert body["system"] == [{"type": "text", "text": "sys", "cache_control": {"type": "ephemeral"}}]
+    assert body["max_tokens"] == 100
 
     q = {"role": "user", "content": "weather?"}
     with c.messages.stream(model="ant:claude-tools", max_tokens=100, tools=TOOLS, messages=[q]) as s:
@@ -170,8 +184,8 @@ def test_responses_sdk_function_call_round_trip_to_anthropic(gw, fake_upstream):
         {"type": "function_call", "call_id": call.call_id, "name": call.name, "arguments": call.arguments},
         {"type": "function_call_output", "call_id": call.call_id, "output": "sunny"}])
     assert r.status == "completed" and r.output_text == "Echo: weather?"
-    assert sent(fake_upstream)["messages"][2]["content"][0] == {"type": "tool_result", "tool_use_id": "toolu_fake_1",
-                                                                "content": "sunny"}
+    result = sent(fake_upstream)["messages"][2]["content"][0]
+    assert (result["type"], result["tool_use_id"], result["content"]) == ("tool_result", "toolu_fake_1", "sunny")
 
 
 def test_signed_thinking_survives_a_round_trip_through_the_responses_surface(gw, fake_upstream):
