@@ -367,3 +367,18 @@ def test_a_thinking_budget_reaches_gemini_within_its_range():
                                  "thinking": {"type": "enabled", "budget_tokens": budget}})
         body = gemini_wire.build_generate_body(req, "gemini-2.5-flash", None)
         assert body["generationConfig"]["thinkingConfig"] == {"includeThoughts": True, "thinkingBudget": sent}
+
+
+def test_usage_log_attributes_x_api_key_callers(make_app, fake_upstream, tmp_path):
+    import hashlib
+    import sqlite3
+    db = tmp_path / "usage.sqlite3"
+    app = make_app(remote_config(fake_upstream, server={"usage_db": str(db), "api_keys": [KEY]}))
+    r = app.test_client().post("/v1/messages", headers={"x-api-key": KEY}, json={
+        "model": "oai:echo", "max_tokens": 5, "messages": [{"role": "user", "content": "u"}]})
+    assert r.status_code == 200
+    app.extensions["gateway"].close()       # flushes the usage log
+    conn = sqlite3.connect(db)
+    rows = conn.execute("SELECT client_key, route FROM usage").fetchall()
+    conn.close()
+    assert rows == [(hashlib.sha256(KEY.encode()).hexdigest()[:12], "/v1/messages")]
