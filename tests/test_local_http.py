@@ -202,9 +202,13 @@ def test_remote_stream_flows_while_local_generates(gunicorn_gateway, fake_upstre
 
 
 def test_queue_full_is_503_and_disconnect_frees_the_model(gunicorn_gateway, fake_upstream, tiny_paths, tmp_path):
-    g = gunicorn_gateway(local_config(fake_upstream, tiny_paths, tmp_path, max_queue=1))
+    cfg = local_config(fake_upstream, tiny_paths, tmp_path, max_queue=1)
+    cfg["providers"]["local"]["models"]["gemma3-270m"]["num_parallel"] = 2
+    g = gunicorn_gateway(cfg)
     resp, lines = _stream_lines(g.url + "/api/generate", LONG)
-    next(lines)                                          # the model is busy now
+    next(lines)
+    resp2, lines2 = _stream_lines(g.url + "/api/generate", dict(LONG, prompt="1, 2, 3,"))
+    next(lines2)                                         # both slots are busy now
     waiter = {}
 
     def wait_in_queue():
@@ -231,11 +235,15 @@ def test_queue_full_is_503_and_disconnect_frees_the_model(gunicorn_gateway, fake
     assert full.status_code == 503
     # Ollama's exact text (server/sched.go ErrMaxQueue), two spaces included
     assert full.json()["error"] == "server busy, please try again.  maximum pending requests exceeded"
-    # the first client goes away: its generation stops at the next token, the waiter runs
+    # the first client goes away: its generation stops at the next token, the waiter
+    # takes its slot while the other stream goes on
     resp.close()      # a stream not read to its end: requests closes the connection
     th.join(60)
     assert waiter.get("status") == 200, waiter
     assert waiter["body"]["done"] and waiter["seconds"] < 30
+    assert next(lines2)["done"] is False
+    resp2.close()
+    time.sleep(0.3)
     ready = requests.get(g.url + "/health/ready", timeout=5).json()["providers"]["local"]
     assert ready["queue_depth"] == 0 and ready["busy"] == []
 

@@ -2,7 +2,7 @@
 import pytest
 
 from gateway.canonical import Message, ToolCall
-from providers.local.prompt import OutputParser, jinja_messages, parse_tool_calls, render_template, transcript
+from providers.local.prompt import FEW_SHOT, OutputParser, jinja_messages, parse_tool_calls, render_template, transcript
 from tests.tiny_gguf import CHATML, CHATML_TOOLS
 
 pytestmark = pytest.mark.timeout(30)
@@ -25,9 +25,13 @@ def test_transcript():
             Message(role="user", content="What is the capital of France?"),
             Message(role="assistant", content="Paris."),
             Message(role="user", content="And of Italy?")]
-    assert transcript(msgs) == ("You are terse.\n\nUser: What is the capital of France?\n"
+    assert transcript(msgs, few_shot=False) == (
+        "You are terse.\n\nUser: What is the capital of France?\n"
+        "Assistant: Paris.\nUser: And of Italy?\nAssistant:")
+    assert transcript([Message(role="user", content="hi")], few_shot=False) == "User: hi\nAssistant:"
+    # by default worked examples of short answers come after the system text
+    assert transcript(msgs) == ("You are terse.\n\n" + FEW_SHOT + "User: What is the capital of France?\n"
                                 "Assistant: Paris.\nUser: And of Italy?\nAssistant:")
-    assert transcript([Message(role="user", content="hi")]) == "User: hi\nAssistant:"
 
 
 def test_chatml_render():

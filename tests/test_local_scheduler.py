@@ -124,7 +124,7 @@ def test_eviction_under_memory_budget(make):
 def test_evicts_shortest_keep_alive_first(make):
     p = make()
     est = p._model("a").estimate(512)
-    p2 = make(memory_budget_bytes=int(est * 2.5))            # room for two
+    p2 = make(memory_budget_bytes=int(est * 2.5), num_parallel=1)   # room for two
     p2.load("a", 600)
     p2.load("b", 30)
     p2.load("c", 300)
@@ -170,7 +170,7 @@ def test_busy_model_is_never_evicted(make):
 
 
 def test_requests_for_a_busy_model_wait_in_order(make):
-    p = make()
+    p = make(num_parallel=1)                                 # its one slot is taken
     lease = p.sched.acquire(p._model("a"))
     order = []
 
@@ -191,7 +191,7 @@ def test_requests_for_a_busy_model_wait_in_order(make):
 
 
 def test_queue_full_is_503_at_once(make):
-    p = make(max_queue=1)
+    p = make(max_queue=1, num_parallel=1)
     lease = p.sched.acquire(p._model("a"))
     t = threading.Thread(target=lambda: answer(p, "a"))
     t.start()

@@ -1,6 +1,7 @@
-"""The only module that touches llama-cpp-python. Everything here runs inside a model's
-native executor (native.py), never on the gevent hub, and never two calls at once for
-one Engine.
+"""Loading models with llama-cpp-python (with decoder.py, the only modules that touch
+it). Everything here runs inside a model's native executor (native.py), never on the
+gevent hub, and never two calls at once for one Engine; tokenising only reads the
+vocabulary and may run on any thread.
 
 Imported lazily by the provider, so a gateway without local models never loads the
 native libraries, and gunicorn's master never does (the first request in a worker does).
@@ -12,7 +13,7 @@ import ctypes
 import itertools
 import logging
 import os
-from typing import Optional
+from typing import Any, Optional
 
 # A crash inside ggml would otherwise try to attach gdb/print a backtrace from inside the
 # server process; it must be set before the library is loaded.
@@ -125,68 +126,112 @@ def grammar_for(fmt) -> Optional[LlamaGrammar]:
 
 # ---- one loaded model ------------------------------------------------------------------
 class Engine:
+    """A loaded model. Chat models: one context holding `n_parallel` sequences, served by
+    a Decoder (decoder.py). Embedding models: llama-cpp-python's Llama, one input at a
+    time."""
+
     def __init__(self, path: str, *, n_ctx: int, n_gpu_layers: int, n_threads: int,
                  embedding: bool = False, pooling_in_file: bool = False,
-                 n_batch: int = 512):
-        kwargs = dict(model_path=path, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers,
-                      n_threads=n_threads, n_threads_batch=n_threads, verbose=False,
-                      embedding=embedding)
-        if embedding:
-            # a non-causal model must see a whole input in one micro-batch
-            kwargs.update(n_batch=n_ctx, n_ubatch=n_ctx)
-            if not pooling_in_file:
-                # otherwise llama.cpp answers one vector per token
-                kwargs["pooling_type"] = llama_cpp.LLAMA_POOLING_TYPE_MEAN
-        else:
-            kwargs.update(n_batch=min(n_batch, n_ctx), n_ubatch=min(n_batch, n_ctx))
+                 n_batch: int = 512, n_parallel: int = 1, batch_min: Optional[int] = None,
+                 kv_unified: bool = True):
         mark = _log_mark()
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path} does not exist")
+        # llama_cpp's objects, set by the loader below (typed Any: the library is untyped)
+        self.llama: Any = None
+        self._ctx: Any = None
+        self._model: Any = None
+        self.decoder: Any = None
         try:
-            self.llama = llama_cpp.Llama(**kwargs)
+            if embedding:
+                self._load_embedding(path, n_ctx, n_gpu_layers, n_threads, pooling_in_file)
+            else:
+                self._load_chat(path, n_ctx, n_gpu_layers, n_threads, n_batch,
+                                max(1, int(n_parallel)), batch_min, kv_unified)
         except Exception as e:
+            self.close()
             errs = _errors_since(mark)
             lines = [t for t in (_tidy(x) for x in errs) if t != "failed to load model"]
             reason = "; ".join(lines[-2:]) or str(e)
             raise RuntimeError(reason) from None
-        m = self.llama._model
+        m = self._model
         self.vocab = m.vocab
-        self.n_ctx = self.llama.n_ctx()
-        self.n_embd = self.llama.n_embd()
+        self.n_embd = m.n_embd()
         self.add_bos = bool(m.add_bos_token())
         self.bos_id = m.token_bos()
         self.embedding = embedding
-        self.pooling = self.llama.pooling_type() if embedding else None
         pre, suf, mid = m.token_prefix(), m.token_suffix(), m.token_middle()
         self.fim = (pre, suf, mid) if min(pre, suf, mid) >= 0 else None
-        self._pieces: dict = {}
-        self._buf = ctypes.create_string_buffer(256)
+
+    def _load_embedding(self, path, n_ctx, n_gpu_layers, n_threads, pooling_in_file):
+        kwargs = dict(model_path=path, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers,
+                      n_threads=n_threads, n_threads_batch=n_threads, verbose=False,
+                      embedding=True)
+        # a non-causal model must see a whole input in one micro-batch
+        kwargs.update(n_batch=n_ctx, n_ubatch=n_ctx)
+        if not pooling_in_file:
+            # otherwise llama.cpp answers one vector per token
+            kwargs["pooling_type"] = llama_cpp.LLAMA_POOLING_TYPE_MEAN
+        self.llama = llama_cpp.Llama(**kwargs)
+        self._model = self.llama._model
+        self.n_ctx = self.llama.n_ctx()
+        self.n_parallel = 1
+        self.pooling = self.llama.pooling_type()
+
+    def _load_chat(self, path, n_ctx, n_gpu_layers, n_threads, n_batch, n_parallel, batch_min,
+                   kv_unified):
+        from providers.local.decoder import Decoder, batch_min_default
+        mp = llama_cpp.llama_model_default_params()
+        mp.n_gpu_layers = n_gpu_layers
+        self._model = _internals.LlamaModel(path_model=path, params=mp, verbose=False)
+        cp = llama_cpp.llama_context_default_params()
+        n_batch = min(n_batch, n_ctx)
+        # n_ctx cells per slot: llama.cpp splits the context evenly between sequences
+        cp.n_ctx = n_ctx * n_parallel
+        cp.n_batch = cp.n_ubatch = n_batch
+        cp.n_seq_max = n_parallel
+        cp.kv_unified = kv_unified
+        # Sliding-window layers keep only their window (swa_full off): full-size ones
+        # would make every token of every slot attend over the whole unified cache
+        # (single-chat decode measured 0.94x raw with them, 1.05x without). A follow-up
+        # turn still reuses its history when it diverges only after the cached tokens,
+        # as chat turns do; the decoder re-reads a prompt otherwise.
+        cp.swa_full = False
+        cp.n_threads = cp.n_threads_batch = n_threads
+        cp.no_perf = True
+        self._ctx = _internals.LlamaContext(model=self._model, params=cp, verbose=False)
+        self.n_ctx = int(llama_cpp.llama_n_ctx_seq(self._ctx.ctx)) if n_parallel > 1 else \
+            int(llama_cpp.llama_n_ctx(self._ctx.ctx))
+        self.n_ctx = min(self.n_ctx, n_ctx)
+        self.n_parallel = n_parallel
+        self.pooling = None
+        if batch_min is None:
+            batch_min = batch_min_default(n_gpu_layers != 0 and gpu_offload_supported())
+        self.decoder = Decoder(self._ctx.ctx, self._model.model, self._model.vocab,
+                               n_parallel=n_parallel, n_ctx=self.n_ctx, n_batch=n_batch,
+                               n_vocab=self._model.n_vocab(), batch_min=batch_min,
+                               unified=kv_unified)
 
     def close(self):
-        llama, self.llama = getattr(self, "llama", None), None
-        if llama is not None:
-            llama.close()
+        dec, self.decoder = getattr(self, "decoder", None), None
+        if dec is not None:
+            dec.close()
+        # an embedding model's Llama owns its context and model; a chat model's context
+        # goes before its model
+        llama, ctx, model = (getattr(self, k, None) for k in ("llama", "_ctx", "_model"))
+        self.llama = self._ctx = self._model = None
+        for obj in ((llama,) if llama is not None else (ctx, model)):
+            if obj is not None:
+                obj.close()
 
     # ---- tokens -------------------------------------------------------------------
     def tokenize(self, text: str, add_bos: Optional[bool] = None, special: bool = True) -> list:
         if not text:
             return [self.bos_id] if (add_bos if add_bos is not None else self.add_bos) and self.bos_id >= 0 else []
-        return self.llama.tokenize(text.encode("utf-8"),
-                                   add_bos=self.add_bos if add_bos is None else add_bos,
-                                   special=special)
-
-    def piece(self, tok: int) -> bytes:
-        p = self._pieces.get(tok)
-        if p is None:
-            n = llama_cpp.llama_token_to_piece(self.vocab, tok, self._buf, len(self._buf), 0, False)
-            if n < 0:
-                big = ctypes.create_string_buffer(-n)
-                n = llama_cpp.llama_token_to_piece(self.vocab, tok, big, -n, 0, False)
-                p = big.raw[:n]
-            else:
-                p = self._buf.raw[:n]
-            self._pieces[tok] = p
-        return p
+        # llama_tokenize only reads the vocabulary: safe beside a decode on another thread
+        return self._model.tokenize(text.encode("utf-8"),
+                                    add_bos=self.add_bos if add_bos is None else add_bos,
+                                    special=special)
 
     def is_eog(self, tok: int) -> bool:
         return bool(llama_cpp.llama_vocab_is_eog(self.vocab, tok))
@@ -194,7 +239,7 @@ class Engine:
     def special_token(self, text: str) -> Optional[int]:
         """The id of a control token spelled `text` (e.g. "<|im_end|>"), else None."""
         try:
-            toks = self.llama.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+            toks = self._model.tokenize(text.encode("utf-8"), add_bos=False, special=True)
         except Exception:
             return None
         if len(toks) == 1 and llama_cpp.llama_vocab_is_control(self.vocab, toks[0]):
@@ -212,34 +257,6 @@ class Engine:
             if t is not None:
                 stop_ids.add(t)
         return tokens, stop_ids
-
-    # ---- generation ---------------------------------------------------------------
-    def start(self, tokens: list, sp: dict, grammar: Optional[LlamaGrammar]):
-        """A generator of token ids; each next() is one native step (the first one also
-        evaluates the prompt). Sampling follows Ollama's option names in `sp`."""
-        llama = self.llama
-        seed = sp.get("seed")
-        if seed is None or seed < 0:
-            seed = int.from_bytes(os.urandom(4), "little")
-        llama.set_seed(int(seed) & 0xFFFFFFFF)
-        rln = sp.get("repeat_last_n")
-        llama.last_n_tokens_size = self.n_ctx if rln is not None and rln < 0 else int(64 if rln is None else rln)
-        return llama.generate(
-            tokens,
-            temp=sp["temperature"], top_k=sp["top_k"], top_p=sp["top_p"], min_p=sp["min_p"],
-            typical_p=sp["typical_p"], repeat_penalty=sp["repeat_penalty"],
-            frequency_penalty=sp["frequency_penalty"], presence_penalty=sp["presence_penalty"],
-            mirostat_mode=sp["mirostat"], mirostat_tau=sp["mirostat_tau"],
-            mirostat_eta=sp["mirostat_eta"], grammar=grammar)
-
-    def step(self, gen):
-        """One token: (id, bytes, end-of-generation?) or None when the generator ended."""
-        tok = next(gen, None)
-        if tok is None:
-            return None
-        tok = int(tok)
-        eog = self.is_eog(tok)
-        return tok, (b"" if eog else self.piece(tok)), eog
 
     # ---- embeddings ---------------------------------------------------------------
     def embed(self, texts: list, truncate: bool):

@@ -10,7 +10,9 @@ lock.
 Either way one model's calls are strictly serialised: a llama context is not thread-safe
 and two threads inside one abort the process (SIGABRT). With a one-thread pool this holds
 even when a greenlet is killed while its call is still running natively: the next call
-queues behind it.
+queues behind it. A chat model's decode loop (decoder.py) runs there as one long job
+(Executor.background) and hands each token to its request through a Channel: the loop
+computes the next token while the request's greenlet renders and sends this one.
 """
 from __future__ import annotations
 
@@ -86,68 +88,54 @@ def settled(res):
         raise
 
 
-_END = object()
+def real_lock():
+    """A lock that both a native thread and the hub may take (briefly): the OS kind even
+    when gevent has patched threading."""
+    if gevent_active():
+        from gevent.monkey import get_original
+        return get_original("_thread", "allocate_lock")()
+    return threading.Lock()
 
 
-class _Failed:
-    __slots__ = ("exc",)
+class Channel:
+    """Items from a native thread to one consumer (a greenlet or a thread). put() never
+    blocks the producer; get() waits cooperatively under gevent (an async watcher wakes
+    the hub) and on a real Event otherwise."""
 
-    def __init__(self, exc):
-        self.exc = exc
+    def __init__(self):
+        import collections
+        self.items = collections.deque()     # append/popleft are atomic across threads
+        self._watcher = None
+        if gevent_active():
+            import gevent
+            from gevent.event import Event
+            self._event = Event()
+            self._watcher = gevent.get_hub().loop.async_()
+            # started for the whole stream: a send() before start() would be lost
+            self._watcher.start(self._event.set)
+            self._wake = self._watcher.send
+        else:
+            self._event = threading.Event()
+            self._wake = self._event.set
 
+    def put(self, item):
+        self.items.append(item)
+        self._wake()
 
-def _piped(pool, step, limit, last):
-    import collections
+    def get(self):
+        items = self.items
+        while not items:
+            self._event.clear()
+            if items:
+                break
+            self._event.wait()
+        return items.popleft()
 
-    import gevent
-    from gevent.event import Event
-
-    hub = gevent.get_hub()
-    items = collections.deque()          # append/popleft are atomic across threads
-    arrived = Event()
-    stop = [False]
-    watcher = hub.loop.async_()
-    # started for the whole stream: a send() before start() would be lost
-    watcher.start(arrived.set)
-
-    def produce():
-        try:
-            for _ in range(limit):
-                if stop[0]:
-                    break
-                item = step()
-                items.append(item)
-                watcher.send()
-                if last(item):
-                    break
-        except BaseException as e:  # noqa: B902 - re-raised in the greenlet
-            items.append(_Failed(e))
-        finally:
-            items.append(_END)
-            watcher.send()
-
-    job = pool.spawn(produce)
-    try:
-        while True:
-            while not items:
-                arrived.clear()
-                if items:
-                    break
-                arrived.wait()
-            item = items.popleft()
-            if item is _END:
-                return
-            if isinstance(item, _Failed):
-                raise item.exc
-            yield item
-    finally:
-        stop[0] = True
-        try:
-            settled(job)     # the lease must not be released while a step still runs
-        except BaseException:
-            pass
-        watcher.stop()
-        watcher.close()
+    def close(self):
+        w, self._watcher = self._watcher, None
+        if w is not None:
+            w.stop()
+            w.close()
 
 
 class Executor:
@@ -178,22 +166,22 @@ class Executor:
                 return fn(*args)
         return settled(self._pool.spawn(fn, *args))
 
-    def stream(self, step, limit: int, last):
-        """Yield step() up to `limit` times, stopping after an item for which last(item)
-        is true. Under gevent the model's thread runs the steps back to back and hands
-        each result over through a queue, so the next token is being computed while the
-        request greenlet renders and sends this one (one round trip per token put the
-        greenlet's work and a hub wake-up on every token's critical path). Closing the
-        iterator stops the thread at its next step and waits for it."""
-        if not self.gevent:
-            for _ in range(limit):
-                with self._lock:
-                    item = step()
-                yield item
-                if last(item):
-                    return
-            return
-        yield from _piped(self._pool, step, limit, last)
+    def background(self, fn):
+        """Run fn() on the model's native thread (under gevent: behind any call already
+        queued there; otherwise a thread of its own that takes step_lock() around each
+        native step)."""
+        if self.gevent:
+            self._pool.spawn(fn)
+        else:
+            threading.Thread(target=fn, name="local-decode", daemon=True).start()
+
+    def step_lock(self):
+        """What a background loop holds around one native step so that call()s (a close)
+        never overlap it. Under gevent the one-thread pool already serialises them."""
+        if self.gevent:
+            import contextlib
+            return contextlib.nullcontext()
+        return self._lock
 
     def close(self):
         if self.gevent:

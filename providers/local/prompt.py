@@ -51,9 +51,25 @@ def render_template(template: str, messages: list, *, bos: str, eos: str,
     return fmt(messages=messages, tools=tools or None, **extra).prompt
 
 
-def transcript(messages) -> str:
-    """For base models without a chat template: system text first, then `User:` /
-    `Assistant:` lines, ending with `Assistant:` (generation stops at the next User:)."""
+# A base model continues whatever text it is given: without examples of short answers a
+# small one repeats the question and rambles to num_predict. Three worked turns set the
+# format (gemma3-270m then answers "What is the capital of France? Answer in one word."
+# with "Paris." and stops); TRANSCRIPT_STOPS end the answer where the examples do.
+FEW_SHOT = ("A conversation between a user and a helpful, knowledgeable assistant. "
+            "The assistant answers correctly and briefly.\n\n"
+            "User: What is the capital of Italy? Answer in one word.\n"
+            "Assistant: Rome.\n"
+            "User: How many legs does a spider have?\n"
+            "Assistant: A spider has eight legs.\n"
+            "User: Say good morning.\n"
+            "Assistant: Good morning!\n")
+TRANSCRIPT_STOPS = ["\nUser:", "\n\n"]
+
+
+def transcript(messages, few_shot: bool = True) -> str:
+    """For base models without a chat template: system text first, the few-shot
+    examples, then `User:` / `Assistant:` lines, ending with `Assistant:` (generation
+    stops at TRANSCRIPT_STOPS)."""
     system = "\n\n".join(m.content for m in messages if m.role == "system" and m.content)
     lines = []
     for m in messages:
@@ -66,6 +82,8 @@ def transcript(messages) -> str:
                                for tc in m.tool_calls)
         lines.append(f"{label}: {content}")
     head = system.strip() + "\n\n" if system.strip() else ""
+    if few_shot:
+        head += FEW_SHOT
     return head + "\n".join(lines) + ("\n" if lines else "") + "Assistant:"
 
 

@@ -4,16 +4,24 @@ server/sched.go).
 The provider only asks `acquire(model, keep_alive, num_ctx)` for a lease on a loaded
 instance and releases it when its answer ends. Rules:
   * a model loads on first use, in its own native thread (see native.py);
-  * one generation at a time per instance; requests for a busy model wait in FIFO order;
+  * an instance serves `slots` requests at once (parallel sequences in one context, see
+    decoder.py); a request waits, in FIFO order, only while every slot is taken;
   * at most `max_queue` requests wait in all; the next one gets 503 at once;
   * one load at a time; before loading, the memory the model will need (weights + KV
-    cache + compute buffer) must fit the budget: idle models are evicted, shortest
-    keep_alive first; a busy model is never evicted (the request waits instead); a
-    model that could never fit is refused;
+    cache for every slot + compute buffer) must fit the budget; a model whose slot count
+    is not configured gets DEFAULT_PARALLEL slots, fewer when the budget is smaller; idle
+    models are evicted, shortest keep_alive first; a model with a slot in use is never
+    evicted (the request waits instead); a model that could never fit is refused;
   * `max_loaded_models` caps the count the same way;
   * keep_alive counts from the end of the last request: 0 unloads when idle, negative
     keeps the model forever; a sweeper unloads expired idle models;
   * a request asking for more context than the instance has reloads it (when idle).
+
+What it needs from outside comes in as arguments, so that its rules can be tested
+without llama.cpp: `memory_probe(gpu)` (free bytes or None) and `loader(spec, n_ctx,
+slots)` (runs on the model's native thread; returns the handle, closed by handle.close()).
+A spec offers name, context_for(num_ctx), estimate(n_ctx, slots), vram_share(size) and
+num_parallel (configured slots or None).
 
 Synchronisation is one Condition. It is created lazily on first use so that it is the
 gevent-patched kind in a gunicorn gevent worker even if the provider object was built
@@ -36,6 +44,7 @@ log = logging.getLogger("gateway.local.sched")
 FOREVER = float("inf")
 BUSY_MESSAGE = "server busy, please try again.  maximum pending requests exceeded"
 _MiB = 1024 * 1024
+DEFAULT_PARALLEL = 4
 
 
 def fmt_bytes(n: float) -> str:
@@ -76,20 +85,25 @@ def vram_free() -> Optional[int]:
 class Runner:
     """One loaded (or loading) model instance."""
 
-    def __init__(self, spec, n_ctx: int, size: int, size_vram: int):
+    def __init__(self, spec, n_ctx: int, size: int, size_vram: int, slots: int = 1):
         self.spec = spec
         self.name = spec.name
-        self.n_ctx = n_ctx
+        self.n_ctx = n_ctx              # per slot
+        self.slots = slots
         self.size = size
         self.size_vram = size_vram
         self.state = "loading"          # loading | ready | unloading
         self.handle = None              # what spec.open() returned
         self.executor: Optional[Executor] = None
-        self.busy = False
+        self.active = 0                 # leases held (slots in use)
         self.keep_alive = 0.0           # seconds; < 0 = forever
         self.expires_at = 0.0           # monotonic deadline while idle; FOREVER; None while busy
         self.last_used = time.monotonic()
         self.unload_requested = False
+
+    @property
+    def busy(self) -> bool:
+        return self.active > 0
 
     def call(self, fn, *args):
         return self.executor.call(fn, *args)
@@ -99,7 +113,7 @@ class Runner:
 
 
 class Lease:
-    """Exclusive use of a ready runner until release()."""
+    """One slot of a ready runner until release()."""
     __slots__ = ("sched", "runner", "load_ns", "_released")
 
     def __init__(self, sched, runner, load_ns):
@@ -116,8 +130,9 @@ class Lease:
     def spawn(self, fn, *args):
         return self.runner.spawn(fn, *args)
 
-    def stream(self, step, limit, last):
-        return self.runner.executor.stream(step, limit, last)
+    @property
+    def executor(self):
+        return self.runner.executor
 
     def release(self):
         if not self._released:
@@ -134,13 +149,17 @@ class _Ticket:
 
 class Scheduler:
     def __init__(self, *, keep_alive: float = 300.0, max_loaded: int = 0, max_queue: int = 512,
-                 budget: Optional[int] = None, gpu: bool = False, margin: Optional[int] = None):
+                 budget: Optional[int] = None, gpu: bool = False, margin: Optional[int] = None,
+                 memory_probe=None, loader=None, default_parallel: Optional[int] = None):
         self.default_keep_alive = float(keep_alive)
         self.max_loaded = int(max_loaded or 0)
         self.max_queue = int(max_queue if max_queue is not None else 512) or (1 << 62)  # 0: no limit
         self.fixed_budget = budget
         self.gpu = gpu
         self.margin = margin
+        self.memory_probe = memory_probe or _free_memory
+        self.loader = loader or _open_spec
+        self.default_parallel = default_parallel or DEFAULT_PARALLEL
         self._cond = None
         self._owner = None
         self._mode = None
@@ -185,9 +204,7 @@ class Scheduler:
         at, value = self._budget_cache
         if value is not None and now - at < 1.0:
             return value
-        free = vram_free() if self.gpu else None
-        if free is None:
-            free = mem_available()
+        free = self.memory_probe(self.gpu)
         if free is None:
             free = 8 * 1024 * _MiB       # nothing to ask: assume a modest machine
         # what loaded models hold is available to them again once evicted
@@ -222,6 +239,7 @@ class Scheduler:
                     if action == "use":
                         self._queue.remove(ticket)
                         self._grant(runner, ka)
+                        cond.notify_all()       # the next ticket may take another slot
                         return Lease(self, runner, 0)
                     if action == "evict":
                         self._unload_locked(runner, reason="to make room")
@@ -280,6 +298,9 @@ class Scheduler:
                 "mode": self._mode,
                 "loaded": sorted(n for n, r in self._runners.items() if r.state == "ready"),
                 "busy": sorted(n for n, r in self._runners.items() if r.busy),
+                # [in use, total] per loaded model
+                "slots": {n: [r.active, r.slots] for n, r in self._runners.items()
+                          if r.state == "ready"},
                 "loading": sorted(n for n, r in self._runners.items() if r.state == "loading"),
                 "queue_depth": len(self._queue),
                 "max_queue": self.max_queue,
@@ -317,7 +338,7 @@ class Scheduler:
             if r.state != "ready":
                 return "wait", None
             if r.n_ctx >= ticket.n_ctx:
-                return ("wait", None) if r.busy else ("use", r)
+                return ("use", r) if r.active < r.slots else ("wait", None)
             if r.busy:
                 return "wait", None
             log.info("reloading %s: context %d -> %d", name, r.n_ctx, ticket.n_ctx)
@@ -329,8 +350,9 @@ class Scheduler:
                 break
             if t.name not in self._runners:
                 return "wait", None
-        need = spec.estimate(ticket.n_ctx)
         budget = self.budget()
+        slots = self._slots_for(spec, ticket.n_ctx, budget)
+        need = spec.estimate(ticket.n_ctx, slots)
         if need > budget:
             raise GatewayError(
                 f"model {name} requires more {'GPU' if self.gpu else 'system'} memory "
@@ -338,7 +360,7 @@ class Scheduler:
         room = self.used() + need <= budget
         count_ok = self.max_loaded <= 0 or len(self._runners) < self.max_loaded
         if room and count_ok:
-            r = Runner(spec, ticket.n_ctx, need, spec.vram_share(need))
+            r = Runner(spec, ticket.n_ctx, need, spec.vram_share(need), slots)
             self._runners[name] = r
             self._loading = True
             return "load", r
@@ -346,6 +368,16 @@ class Scheduler:
         if victim is not None:
             return "evict", victim
         return "wait", None             # everything in the way is busy: wait for it
+
+    def _slots_for(self, spec, n_ctx: int, budget: int) -> int:
+        """The configured slot count, else the default, halved until it fits the budget."""
+        n = getattr(spec, "num_parallel", None)
+        if n:
+            return max(1, int(n))
+        n = self.default_parallel
+        while n > 1 and spec.estimate(n_ctx, n) > budget:
+            n //= 2
+        return max(1, n)
 
     def _pick_victim(self):
         idle = [r for r in self._runners.values()
@@ -357,7 +389,7 @@ class Scheduler:
         return idle[0]
 
     def _grant(self, r: Runner, ka: float):
-        r.busy = True
+        r.active += 1
         r.keep_alive = ka
         r.expires_at = None
         r.unload_requested = False
@@ -368,7 +400,7 @@ class Scheduler:
         handle, err = None, None
         try:
             runner.executor = Executor()
-            res = runner.spawn(spec.open, runner.n_ctx)
+            res = runner.spawn(self.loader, spec, runner.n_ctx, runner.slots)
             try:
                 handle = settled(res)
             except BaseException:
@@ -401,8 +433,8 @@ class Scheduler:
             log.error("failed to load model %s: %s", spec.name, err)
             raise GatewayError(f"failed to load model {spec.name}: the file could not be loaded "
                                "(details in the server log)", status=500) from err
-        log.info("loaded %s (ctx %d, ~%s) in %.2f s", spec.name, runner.n_ctx,
-                 fmt_bytes(runner.size), load_ns / 1e9)
+        log.info("loaded %s (ctx %d x %d slots, ~%s) in %.2f s", spec.name, runner.n_ctx,
+                 runner.slots, fmt_bytes(runner.size), load_ns / 1e9)
         return Lease(self, runner, load_ns)
 
     def _unload_locked(self, r: Runner, reason: str):
@@ -432,8 +464,11 @@ class Scheduler:
 
     def _release(self, r: Runner):
         with self.cond:
-            r.busy = False
+            r.active = max(0, r.active - 1)
             r.last_used = time.monotonic()
+            if r.active:
+                self.cond.notify_all()          # a slot is free
+                return
             if r.unload_requested or self._closed:
                 r.keep_alive = 0.0
             if r.keep_alive < 0:
@@ -467,6 +502,15 @@ class Scheduler:
                     continue
                 wait = 0.5 if nxt is None else min(0.5, max(0.01, nxt - now))
                 cond.wait(wait)
+
+
+def _free_memory(gpu: bool) -> Optional[int]:
+    free = vram_free() if gpu else None
+    return mem_available() if free is None else free
+
+
+def _open_spec(spec, n_ctx: int, slots: int):
+    return spec.open(n_ctx, slots)
 
 
 def _close_handle(handle, trim: bool = True):

@@ -231,15 +231,27 @@ class LocalModel:
             n = t
         return max(32, n)
 
-    def estimate(self, n_ctx: int) -> int:
-        """Bytes a load will take: weights + f16 KV cache + compute buffer."""
+    @property
+    def num_parallel(self) -> Optional[int]:
+        """Configured slots (model, then provider, then OLLAMA_NUM_PARALLEL), else None:
+        the scheduler's default where memory allows. Embedding models have one."""
+        if self.embedding:
+            return 1
+        n = self._setting("num_parallel")
+        if n is None:
+            env = os.environ.get("OLLAMA_NUM_PARALLEL", "").strip()
+            n = int(env) if env.isdigit() else None
+        return max(1, int(n)) if n else None
+
+    def estimate(self, n_ctx: int, slots: int = 1) -> int:
+        """Bytes a load will take: weights + f16 KV cache (n_ctx per slot) + compute buffer."""
         info = self.info()
         if info is None:
             try:
                 return int(os.path.getsize(self.path()) * 1.2)
             except (OSError, SourceError):
                 return 0
-        kv = gguf_meta.kv_cache_bytes(info, n_ctx)
+        kv = gguf_meta.kv_cache_bytes(info, n_ctx * max(1, slots))
         vocab = info.vocab_size or 32000
         embd = info.embedding_length or 1024
         if self.embedding:
@@ -259,14 +271,14 @@ class LocalModel:
             return size
         return int(size * n / layers)
 
-    def open(self, n_ctx: int):
+    def open(self, n_ctx: int, slots: int = 1):
         """Runs in the model's native thread: the loaded Engine."""
         from providers.local.engine import Engine
         info = self.info()
         pooling_in_file = bool(info and info.pooling_type is not None and info.pooling_type >= 0)
         return Engine(self.path(), n_ctx=n_ctx, n_gpu_layers=self.n_gpu_layers,
                       n_threads=self.n_threads, embedding=self.embedding,
-                      pooling_in_file=pooling_in_file)
+                      pooling_in_file=pooling_in_file, n_parallel=slots)
 
     # ---- what the lists show ----------------------------------------------------------
     def capabilities(self) -> list:
@@ -328,7 +340,8 @@ def plain_template(model: LocalModel, info) -> str:
     which is what clients grep): the transcript the provider builds."""
     if model.embedding:
         return "{{ .Prompt }}"
-    t = ("{{ if .System }}{{ .System }}\n\n{{ end }}"
+    from providers.local.prompt import FEW_SHOT
+    t = ("{{ if .System }}{{ .System }}\n\n{{ end }}" + FEW_SHOT +
          "{{ range .Messages }}{{ if eq .Role \"user\" }}User: {{ .Content }}\n"
          "{{ else if eq .Role \"assistant\" }}Assistant: {{ .Content }}\n{{ end }}{{ end }}Assistant:")
     if info.has_fim:
@@ -338,7 +351,8 @@ def plain_template(model: LocalModel, info) -> str:
 
 def stop_strings(model: LocalModel, info, template: str) -> list:
     if not template:
-        return ["\nUser:"]
+        from providers.local.prompt import TRANSCRIPT_STOPS
+        return list(TRANSCRIPT_STOPS)
     stops = []
     for s in (info.eot_text if info else None, info.eos_text if info else None):
         if s and s not in stops:
