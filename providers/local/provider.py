@@ -38,6 +38,7 @@ from providers.local.config import LocalConfig
 from providers.local.generate import generate
 from providers.local.native import run_blocking
 from providers.local.plan import build as build_plan
+from providers.local.plan import prompt_length
 from providers.local.plan import with_model_options
 from providers.local.scheduler import BUSY_MESSAGE, FOREVER, Scheduler
 from providers.local.sources import LocalModel, default_cache_dir, gguf_files_in
@@ -243,15 +244,7 @@ class LocalProvider(LocalConfig):
         self._ensure_engine()
         lease = self.sched.acquire(m, req.keep_alive, req.options.num_ctx)
         try:
-            eng, info, template = lease.handle, m.info(), m.template
-            if template:
-                tools = req.tools if "tools" in caps else None
-                text, add_bos = self._render(m, info, template, req.messages, tools,
-                                             req.think if "thinking" in caps else None)
-            else:
-                text, add_bos = P.transcript(req.messages), None
-            tokens, _ = lease.call(eng.prepare, text, None, add_bos, [])
-            return len(tokens)
+            return prompt_length(m, req, caps, lease.handle)
         finally:
             lease.release()
 
