@@ -154,7 +154,7 @@ class Engine:
             lines = [t for t in (_tidy(x) for x in errs) if t != "failed to load model"]
             reason = "; ".join(lines[-2:]) or str(e)
             raise RuntimeError(reason) from None
-        m = self._model
+        m: Any = self._model   # set by the loader above
         self.vocab = m.vocab
         self.n_embd = m.n_embd()
         self.add_bos = bool(m.add_bos_token())
