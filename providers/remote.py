@@ -287,6 +287,7 @@ def gather(chunks) -> Iterator[Chunk]:
         whole.content += ch.content
         whole.thinking += ch.thinking
         whole.tool_calls.extend(ch.tool_calls)
+        whole.thinking_signature = ch.thinking_signature or whole.thinking_signature
 
 
 def read_error_body(resp: requests.Response, limit: int = 65536):

@@ -16,6 +16,7 @@ _ORIGIN_SCHEMES = ("app://", "file://", "tauri://", "vscode-webview://", "vscode
                    "chrome-extension://", "moz-extension://", "safari-web-extension://")
 _LOCAL_ORIGIN = re.compile(r"^https?://(localhost|127\.0\.0\.1|0\.0\.0\.0|\[::1\])(:\d+)?$", re.I)
 ALLOW_HEADERS = ("Authorization, Content-Type, User-Agent, Accept, X-Requested-With, OpenAI-Beta, "
+                 "x-api-key, anthropic-version, anthropic-beta, anthropic-dangerous-direct-browser-access, "
                  "x-stainless-arch, x-stainless-lang, x-stainless-os, x-stainless-package-version, "
                  "x-stainless-retry-count, x-stainless-runtime, x-stainless-runtime-version, "
                  "x-stainless-async, x-stainless-helper-method, x-stainless-timeout")
@@ -38,9 +39,11 @@ class Guard:
                 return
         header = request.headers.get("Authorization", "")
         given = header[7:].strip().encode() if header[:7].lower() == "bearer " else b""
+        if not given:   # Anthropic clients send the same key as x-api-key
+            given = request.headers.get("x-api-key", "").strip().encode()
         client = self.clients.match(given)
         if client is None:
-            raise Unauthorized("missing or invalid API key: send Authorization: Bearer <key>")
+            raise Unauthorized("missing or invalid API key: send Authorization: Bearer <key> (or x-api-key: <key>)")
         clients.set_current(client)
 
     # ---- host -----------------------------------------------------------------------------

@@ -22,7 +22,10 @@ def error(e) -> Response:
     if has_request_context():
         g.gateway_error = e        # for the access-log line of a refused request
     msg = getattr(e, "client_message", None) or scrub(getattr(e, "message", None) or str(e))
-    if path().startswith("/v1"):
+    if path().startswith("/v1/messages"):
+        from gateway.http.anthropic_wire import error_body
+        body = error_body(status, msg)
+    elif path().startswith("/v1"):
         kind = getattr(e, "kind", "api_error")
         if status == 404 and kind == "api_error":
             kind = "not_found_error"

@@ -27,6 +27,15 @@ def client_key_id(authorization: Optional[str]) -> Optional[str]:
     return hashlib.sha256(token.encode("utf-8", "replace")).hexdigest()[:12]
 
 
+def authorization(headers) -> Optional[str]:
+    """The caller's Authorization, or Anthropic clients' x-api-key (the same client key) as one."""
+    auth = headers.get("Authorization")
+    if auth:
+        return auth
+    key = headers.get("x-api-key")
+    return "Bearer " + key if key else None
+
+
 def current_client_key() -> Optional[str]:
     """The caller's client name (server.clients), else the hash of its bearer token."""
     from gateway.clients import current_name
@@ -36,7 +45,7 @@ def current_client_key() -> Optional[str]:
     try:
         from flask import has_request_context, request
         if has_request_context():
-            return client_key_id(request.headers.get("Authorization"))
+            return client_key_id(authorization(request.headers))
     except Exception:  # outside Flask (unit tests of an observer): fall back below
         pass
     return _client_key.get()
@@ -67,7 +76,7 @@ def install(app, state) -> None:
     def _remember_client():
         g.gateway_t0 = time.perf_counter()
         reqctx.begin(None)      # a keep-alive connection's greenlet served others before
-        _client_key.set(client_key_id(request.headers.get("Authorization")))
+        _client_key.set(client_key_id(authorization(request.headers)))
 
     @app.after_request
     def _record_refusal(resp):
