@@ -16,7 +16,7 @@ def create_app(settings=None):
     from flask import Flask
 
     from gateway.errors import GatewayError, scrub
-    from gateway.http import render
+    from gateway.http import lifecycle, render
     from gateway.http.guard import Guard
     from gateway.http.ollama_api import bp as ollama_bp
     from gateway.http.openai_api import bp as openai_bp
@@ -32,6 +32,7 @@ def create_app(settings=None):
     state = GatewayState(settings)
     app.extensions["gateway"] = state
     guard = Guard(settings)
+    lifecycle.install(app, state)        # first: a request the guard refuses has its record too
     app.register_blueprint(ollama_bp)
     app.register_blueprint(openai_bp)
     try:

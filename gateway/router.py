@@ -80,6 +80,15 @@ class Router:
             return name[:-7]
         return None
 
+    def provider_named_by(self, model) -> Optional[str]:
+        """The provider a `<provider>:` prefix names, so a request that failed before any
+        answer still counts against it."""
+        if isinstance(model, str) and ":" in model:
+            prefix = model.split(":", 1)[0]
+            if prefix in self.providers:
+                return prefix
+        return None
+
     def listed(self, name) -> bool:
         """An alias or a configured model (not an unlisted id a remote provider would
         forward): the names metrics keep as labels."""

@@ -14,10 +14,25 @@ import time
 import pytest
 import requests
 import yaml
+from flask import Flask
+from flask.testing import FlaskClient
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.environ.setdefault("GGML_NO_BACKTRACE", "1")
+
+
+class ClosingClient(FlaskClient):
+    """Flask's test client that closes each response once read, as every WSGI server does
+    (PEP 3333): a request's record (gateway.http.lifecycle) closes then. Pass
+    buffered=False to read a stream piece by piece and close it yourself."""
+
+    def open(self, *args, **kwargs):
+        kwargs.setdefault("buffered", True)
+        return super().open(*args, **kwargs)
+
+
+Flask.test_client_class = ClosingClient
 
 
 def free_port() -> int:

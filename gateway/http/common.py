@@ -7,13 +7,11 @@ from __future__ import annotations
 import base64
 import json
 import math
-import time
 
 from flask import current_app, request
 
 from gateway.canonical import FLOAT_OPTIONS, INT_OPTIONS, Options
 from gateway.durations import parse_keep_alive
-from gateway import reqctx
 from gateway.errors import BadRequest, GatewayError, TooLarge, contains_secret, model_not_found
 from gateway.ops.client_deadlines import ClientTooSlow
 from gateway.tool_calls import too_deep
@@ -223,21 +221,3 @@ def parse_tools(value, field="tools") -> list:
             "name": fn["name"], "description": str(fn.get("description") or ""),
             "parameters": params or {"type": "object", "properties": {}}}})
     return out
-
-
-def run_embed(st, req):
-    """Route an EmbedRequest and report it to the observers (logs, metrics, usage), as
-    both surfaces do for every embedding call. Returns (result, started_at)."""
-    t0 = time.perf_counter()
-    record = reqctx.begin({"route": request.path, "model": req.model, "stream": False})
-    try:
-        result, target = st.router.embed(req)
-    except GatewayError as e:
-        record.update(status=e.status, error=e.message, error_class=type(e).__name__,
-                      latency=time.perf_counter() - t0)
-        st.finished(record)
-        raise
-    record.update(status=200, provider=target.provider.name, latency=time.perf_counter() - t0,
-                  prompt_tokens=result.prompt_tokens)
-    st.finished(record)
-    return result, t0

@@ -100,9 +100,8 @@ class Metrics:
         return route if route in (self._routes or ()) else "other"
 
     def observe(self, record: dict) -> None:
-        from gateway.ops import provider_of
         route = self._route_label(record.get("route"))
-        provider = str(provider_of(record, self.state) or "none")
+        provider = str(record.get("provider") or "none")
         model = self._model_label(record.get("model"))
         self.requests.labels(route, provider, model, str(record.get("status") or 0)).inc()
         if record.get("latency") is not None:
