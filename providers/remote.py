@@ -25,6 +25,7 @@ from gateway.canonical import Chunk, ModelCard
 from gateway.errors import (BadRequest, GatewayError, Passthrough, RateLimited, UpstreamFailed,
                             UpstreamTimeout, scrub)
 from gateway.reqctx import more_ready
+from providers.base import Gauges
 from providers.remote_config import RemoteConfig
 from providers.keypool import AUTH, RATE, TRANSIENT, KeyPool
 
@@ -141,6 +142,15 @@ class RemoteProvider(RemoteConfig):
         out = {"type": self.type_name, "offered": self.offered, "last_error": self.last_error_class}
         out.update(self.pool.snapshot())
         return out
+
+    def gauges(self) -> Gauges:
+        resting: dict[str, int] = {}
+        snap = self.pool.snapshot()
+        for k in snap["keys"]:
+            if k["resting"]:
+                reason = str(k["reason"] or "unknown")
+                resting[reason] = resting.get(reason, 0) + 1
+        return Gauges(keys_total=snap["keys_total"], keys_resting=resting)
 
     def close(self) -> None:
         self.session.close()
