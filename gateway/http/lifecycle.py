@@ -73,8 +73,12 @@ def client_key_id(authorization: Optional[str]) -> Optional[str]:
     return hashlib.sha256(token.encode("utf-8", "replace")).hexdigest()[:12]
 
 
-def current() -> Optional[RequestRecord]:
-    return reqctx.current()
+def current() -> RequestRecord:
+    """The record of the request being served (opened before every route)."""
+    rec = reqctx.current()
+    if rec is None:
+        raise RuntimeError("no request is being served")
+    return rec
 
 
 class _ClosingBody:
