@@ -117,6 +117,32 @@ def make_app(tmp_path):
         a.extensions["gateway"].close()
 
 
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """Tiny generated GGUF files (tests/tiny_gguf.py) by model name: "tiny" (chat),
+    "emb" (embedding)."""
+    from tests.tiny_gguf import write_tiny_gguf
+    d = tmp_path_factory.mktemp("tiny-gguf")
+    return {"tiny": write_tiny_gguf(str(d / "tiny.gguf")),
+            "emb": write_tiny_gguf(str(d / "emb.gguf"), embedding=True, seed=3)}
+
+
+@pytest.fixture
+def client(make_app, fake_upstream):
+    """A test client of the gateway on remote_config (the fake upstream), fresh per test."""
+    return make_app(remote_config(fake_upstream)).test_client()
+
+
+@pytest.fixture(scope="module")
+def module_client(fake_upstream):
+    """The same, one app per module: for tests that change no state (key rests included)."""
+    from app import create_app
+    from gateway.settings import build_settings
+    app = create_app(build_settings(remote_config(fake_upstream)))
+    yield app.test_client()
+    app.extensions["gateway"].close()
+
+
 class Gunicorn:
     def __init__(self, cfg: dict, workers: int = 1, env=None, bind_host: str = "127.0.0.1"):
         self.dir = tempfile.mkdtemp(prefix="gw-test-")

@@ -5,24 +5,14 @@ import json
 
 import pytest
 
-from tests.conftest import remote_config
-
-
-@pytest.fixture
-def client(make_app, fake_upstream):
-    return make_app(remote_config(fake_upstream)).test_client()
-
-
-def events(resp):
-    text = resp.get_data(as_text=True)
-    return [e[6:] for e in text.split("\n\n") if e]
+from tests.helpers import sse_data
 
 
 def test_stream_shape(client):
     r = client.post("/v1/chat/completions", json={"model": "oai:echo", "stream": True,
                                                   "messages": [{"role": "user", "content": "a b"}]})
     assert r.mimetype == "text/event-stream"
-    evs = events(r)
+    evs = sse_data(r)
     assert evs[-1] == "[DONE]"
     objs = [json.loads(e) for e in evs[:-1]]
     assert objs[0]["choices"][0]["delta"]["role"] == "assistant"

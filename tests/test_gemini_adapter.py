@@ -15,6 +15,7 @@ from providers import gemini_wire as wire
 from providers.gemini import GeminiProvider
 from providers.remote import UpstreamHTTPError
 from providers.schema_sanitize import sanitize_schema
+from tests.helpers import sse_body
 from tests.upstream_stub import UpstreamStub
 
 BASE = "https://gemini.test/v1beta"
@@ -52,8 +53,7 @@ def body_of(p, req, uid="gemini-2.5-flash"):
 
 
 def sse(*events, crlf=False):
-    nl = "\r\n" if crlf else "\n"
-    return "".join("data: " + json.dumps(e) + nl + nl for e in events).encode()
+    return sse_body(*events, done=False, crlf=crlf)     # Gemini sends no [DONE]
 
 
 def ev(parts=None, finish=None, usage=None):

@@ -13,6 +13,7 @@ from providers.openai_compat import OpenAIProvider
 from providers.openai_wire import sniff_mime, to_body
 from providers.think import ThinkSplitter
 from providers.remote import UpstreamHTTPError
+from tests.helpers import sse_body
 from tests.upstream_stub import UpstreamStub, has_header
 
 BASE = "https://upstream.test/api/v1"
@@ -37,18 +38,6 @@ def make(n_keys=2, **over):
            "timeout": 5, "cooldown": 30, "auth_cooldown": 3600, "idle_timeout": 5}
     cfg.update(over)
     return upstream.attach(OpenAIProvider("openrouter", cfg))
-
-
-def sse(*events, done=True, crlf=False, comments=False):
-    nl = "\r\n" if crlf else "\n"
-    out = [": OPENROUTER PROCESSING" + nl + nl] if comments else []
-    for e in events:
-        out.append("data: " + (e if isinstance(e, str) else json.dumps(e)) + nl + nl)
-        if comments:
-            out.append(": OPENROUTER PROCESSING" + nl + nl)
-    if done:
-        out.append("data: [DONE]" + nl + nl)
-    return "".join(out).encode()
 
 
 def delta(content=None, finish=None, **d):
@@ -78,7 +67,7 @@ def add_err(status, key=None, url=CHAT, body=None, headers=None, exc=None):
 
 
 def ok_stream(key=None):
-    add_stream(sse(delta("hi", role="assistant"), delta(finish="stop"), USAGE), key=key)
+    add_stream(sse_body(delta("hi", role="assistant"), delta(finish="stop"), USAGE), key=key)
 
 
 def chat(p, uid="meta-llama/llama-4:free", **kw):
@@ -229,7 +218,7 @@ def test_schema_format_and_think_levels():
 
 # ---- OpenAI -> canonical: streams ---------------------------------------------------------
 def test_stream_content_usage_and_headers():
-    add_stream(sse(delta("", role="assistant"), delta("Hel"), delta("lo"), delta(finish="stop"),
+    add_stream(sse_body(delta("", role="assistant"), delta("Hel"), delta("lo"), delta(finish="stop"),
                    USAGE, comments=True))
     p = make()
     chunks = chat(p)
@@ -244,13 +233,13 @@ def test_stream_content_usage_and_headers():
 
 
 def test_stream_crlf_framing():
-    add_stream(sse(delta("a"), delta("b", finish="stop"), USAGE, crlf=True, comments=True))
+    add_stream(sse_body(delta("a"), delta("b", finish="stop"), USAGE, crlf=True, comments=True))
     chunks = chat(make())
     assert joined(chunks)[0] == "ab" and chunks[-1].done_reason == "stop"
 
 
 def test_stream_reasoning_fields():
-    add_stream(sse(delta(reasoning="step 1, "), delta(reasoning_content="step 2"),
+    add_stream(sse_body(delta(reasoning="step 1, "), delta(reasoning_content="step 2"),
                    delta("answer"), delta(finish="stop")))
     content, thinking, _ = joined(chat(make()))
     assert (content, thinking) == ("answer", "step 1, step 2")
@@ -258,7 +247,7 @@ def test_stream_reasoning_fields():
 
 def test_stream_think_tags_split_across_chunks():
     parts = ["\n<thi", "nk>Let me", " think</th", "ink>\n\nAns", "wer <think> stays"]
-    add_stream(sse(*[delta(x) for x in parts], delta(finish="stop")))
+    add_stream(sse_body(*[delta(x) for x in parts], delta(finish="stop")))
     content, thinking, _ = joined(chat(make(), uid="DeepSeek-R1"))
     assert thinking == "Let me think"
     assert content == "Answer <think> stays"
@@ -276,7 +265,7 @@ def test_think_splitter_edges():
 
 
 def test_stream_tool_call_fragments_assembled():
-    add_stream(sse(
+    add_stream(sse_body(
         delta(tool_calls=[{"index": 0, "id": "call_a", "type": "function",
                            "function": {"name": "get_weather", "arguments": ""}}]),
         delta(tool_calls=[{"index": 0, "function": {"arguments": '{"ci'}}]),
@@ -297,23 +286,23 @@ def test_stream_tool_call_fragments_assembled():
                                            ("tool_calls", "tool_calls"),
                                            ("content_filter", "stop")])
 def test_finish_reasons(upstream, ours):
-    add_stream(sse(delta("x"), delta(finish=upstream)))
+    add_stream(sse_body(delta("x"), delta(finish=upstream)))
     assert chat(make())[-1].done_reason == ours
 
 
 def test_done_without_finish_reason_is_a_stop():
-    add_stream(sse(delta("x")))
+    add_stream(sse_body(delta("x")))
     chunks = chat(make())
     assert chunks[-1].done and chunks[-1].done_reason == "stop"
 
 
 def test_finish_without_done_is_accepted():
-    add_stream(sse(delta("x", finish="stop"), done=False))
+    add_stream(sse_body(delta("x", finish="stop"), done=False))
     assert chat(make())[-1].done_reason == "stop"
 
 
 def test_stream_ended_early_raises():
-    add_stream(sse(delta("partial"), done=False))
+    add_stream(sse_body(delta("partial"), done=False))
     gen = make().chat(ChatRequest(model="m", messages=[Message(role="user", content="q")]), "m")
     assert next(gen).content == "partial"
     with pytest.raises(UpstreamHTTPError, match="ended early") as ei:
@@ -326,7 +315,7 @@ def test_mid_stream_error_event_is_raised_scrubbed():
            "error": {"code": "server_error",
                      "message": f"Provider disconnected (key {KEYS[0]})"},
            "choices": [{"index": 0, "delta": {"content": ""}, "finish_reason": "error"}]}
-    add_stream(sse(delta("first"), err))
+    add_stream(sse_body(delta("first"), err))
     gen = make().chat(ChatRequest(model="m", messages=[Message(role="user", content="q")]), "m")
     assert next(gen).content == "first"
     with pytest.raises(UpstreamHTTPError) as ei:
@@ -335,13 +324,13 @@ def test_mid_stream_error_event_is_raised_scrubbed():
 
 
 def test_malformed_json_in_stream_raises():
-    add_stream(sse(delta("ok"), "{broken"))
+    add_stream(sse_body(delta("ok"), "{broken"))
     with pytest.raises(UpstreamHTTPError, match="malformed"):
         chat(make())
 
 
 def test_non_stream_request_gathers_one_chunk_plus_final():
-    add_stream(sse(delta(reasoning="r"), delta("a"), delta("b"), delta(finish="length"), USAGE))
+    add_stream(sse_body(delta(reasoning="r"), delta("a"), delta("b"), delta(finish="length"), USAGE))
     chunks = chat(make(), stream=False)
     assert len(chunks) == 2
     assert (chunks[0].content, chunks[0].thinking, chunks[0].done) == ("ab", "r", False)
