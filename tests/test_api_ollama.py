@@ -13,7 +13,7 @@ from tests.helpers import ndjson
 TS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{9}Z$")
 
 
-def test_root_and_version(client):
+def test_root_says_ollama_is_running_and_version_is_numeric(client):
     r = client.get("/")
     assert r.status_code == 200 and r.data == b"Ollama is running"
     assert r.mimetype == "text/plain"

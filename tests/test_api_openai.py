@@ -8,7 +8,7 @@ import pytest
 from tests.helpers import sse_data
 
 
-def test_stream_shape(client):
+def test_a_stream_opens_with_the_role_and_ends_with_done(client):
     r = client.post("/v1/chat/completions", json={"model": "oai:echo", "stream": True,
                                                   "messages": [{"role": "user", "content": "a b"}]})
     assert r.mimetype == "text/event-stream"
@@ -22,7 +22,7 @@ def test_stream_shape(client):
     assert "".join(o["choices"][0]["delta"].get("content", "") for o in objs) == "Echo: a b"
 
 
-def test_non_stream_default(client):
+def test_without_stream_the_answer_is_one_chat_completion(client):
     r = client.post("/v1/chat/completions", json={"model": "gem:gemini-2.5-flash",
                                                   "messages": [{"role": "user", "content": [
                                                       {"type": "text", "text": "parts"}]}]})

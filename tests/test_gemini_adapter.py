@@ -79,7 +79,7 @@ def sent_json(i=-1):
 
 
 # ---- discovery --------------------------------------------------------------------------
-def test_model_cards():
+def test_cards_show_family_capabilities_and_a_stable_digest():
     p = make()
     cards = {c.name: c for c in p.models()}
     flash = cards["google:gemini-2.5-flash"]
@@ -311,7 +311,7 @@ def test_tools_and_tool_choice():
     ("high", {"includeThoughts": True, "thinkingBudget": 24576}),
     (False, {"thinkingBudget": 0}),
 ])
-def test_think_levels(think, expected):
+def test_think_levels_map_to_thinking_budgets(think, expected):
     g = body_of(make(), chat_req("x", think=think))["generationConfig"]
     assert g["thinkingConfig"] == expected
 
@@ -594,7 +594,7 @@ def test_pacific_midnight_across_dst():
     assert wire.seconds_to_pacific_midnight(start) == 23 * 3600
 
 
-def test_parse_duration():
+def test_retry_delays_parse_from_text_and_proto_durations():
     assert wire.parse_duration("37s") == 37 and wire.parse_duration("0.5s") == 0.5
     assert wire.parse_duration({"seconds": "3", "nanos": 500000000}) == 3.5
     assert wire.parse_duration("soon") is None
@@ -655,7 +655,7 @@ def test_non_stream_passthrough_keeps_message():
         run(make(), chat_req("x", stream=False))
 
 
-def test_l2_normalise():
+def test_embeddings_are_scaled_to_unit_length_and_zero_stays_zero():
     from providers.vectors import l2_normalise
     v = l2_normalise([1.0, 1.0, 1.0, 1.0])
     assert math.isclose(sum(x * x for x in v), 1.0)

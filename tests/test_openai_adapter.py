@@ -103,7 +103,7 @@ WEBP = base64.b64encode(b"RIFF\x10\0\0\0WEBPVP8 " + b"\0" * 20).decode()
                                        (GIF, "image/gif"), (WEBP, "image/webp"),
                                        (base64.b64encode(b"????????????").decode(), "image/png"),
                                        ("!!not base64!!", "image/png")])
-def test_sniff_mime(data, mime):
+def test_image_type_is_sniffed_from_its_bytes(data, mime):
     assert sniff_mime(data) == mime
     unknown = mime == "image/png" and not data.startswith(PNG[:8])
     assert sniff_mime(data, default="image/jpeg") == ("image/jpeg" if unknown else mime)
@@ -232,7 +232,7 @@ def test_stream_content_usage_and_headers():
     assert h["HTTP-Referer"] == "https://gw.test" and h["X-Title"] == "gw"
 
 
-def test_stream_crlf_framing():
+def test_crlf_framed_stream_with_comments_parses():
     add_stream(sse_body(delta("a"), delta("b", finish="stop"), USAGE, crlf=True, comments=True))
     chunks = chat(make())
     assert joined(chunks)[0] == "ab" and chunks[-1].done_reason == "stop"
@@ -285,7 +285,7 @@ def test_stream_tool_call_fragments_assembled():
 @pytest.mark.parametrize("upstream,ours", [("stop", "stop"), ("length", "length"),
                                            ("tool_calls", "tool_calls"),
                                            ("content_filter", "stop")])
-def test_finish_reasons(upstream, ours):
+def test_upstream_finish_reasons_map_to_ours(upstream, ours):
     add_stream(sse_body(delta("x"), delta(finish=upstream)))
     assert chat(make())[-1].done_reason == ours
 
@@ -399,7 +399,7 @@ def test_embeddings_rotate_too():
 
 
 # ---- models ----------------------------------------------------------------------------------
-def test_models_and_cards():
+def test_cards_name_the_family_and_unlisted_ids_are_forwarded():
     p = make()
     cards = p.models()
     assert [c.name for c in cards] == ["openrouter:meta-llama/llama-4:free", "openrouter:plain"]
@@ -453,7 +453,7 @@ def test_request_errors_pass_through_without_rotation(status):
 
 
 # ---- classify details ------------------------------------------------------------------------
-def test_classify_rules():
+def test_each_upstream_error_gets_its_rotate_rest_or_pass_verdict():
     p = make()
     now = time.time()
     assert p.classify(400, {"error": {"code": "429", "message": "rate"}}, "", {})[0] == "rate"
