@@ -9,7 +9,7 @@ from contextvars import ContextVar
 # The request's record (gateway.http.lifecycle.RequestRecord): anything with .note(**facts).
 _record: ContextVar = ContextVar("gateway_request_record", default=None)
 
-# Output coalescing. The stream writer (gateway.http.streaming.drive) puts a one-item list
+# Output coalescing. The stream writer (gateway.http.streaming.stream_body) puts a one-item list
 # here while it streams; a provider that knows the next chunk is already in hand (parsed
 # from bytes that have arrived, e.g. providers.remote's SSE reader) sets item 0 to True.
 # The writer then keeps the rendered chunk and sends it together with the next ones, in

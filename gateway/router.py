@@ -168,7 +168,7 @@ class Router:
             except BaseException:
                 _close(gen)
                 raise
-            return _prepend(first, gen, t)
+            return AnswerStream(first, gen, t)
         raise last  # pragma: no cover - the loop always returns or raises
 
     def embed(self, req: EmbedRequest):
@@ -191,9 +191,11 @@ class Router:
         t.provider.unload(t.upstream_id)
 
 
-class _prepend:
-    """Iterator of `first` then the rest of `gen`; close() reaches the provider's
-    generator so a client disconnect closes the upstream at once."""
+class AnswerStream:
+    """The answer of the target that answered (`target`): its first chunk (already
+    fetched, so a failure before it could still fail over), then the rest of the
+    provider's generator. close() reaches that generator, so a client disconnect closes
+    the upstream at once."""
     __slots__ = ("_first", "_gen", "target")
 
     def __init__(self, first, gen, target=None):

@@ -14,7 +14,7 @@ from gateway.errors import GatewayError
 from gateway.http import lifecycle
 from gateway.http.heartbeat import Deferred, await_first
 from gateway.http.ollama_wire import dumps
-from gateway.http.streaming import Tally, collect, drive
+from gateway.http.streaming import Tally, collect, stream_body
 
 STREAM_HEADERS = {"X-Accel-Buffering": "no", "Cache-Control": "no-cache"}
 
@@ -51,8 +51,8 @@ def serve(st, req, renderer: Renderer) -> Response:
     if not req.stream:
         collect(chunks, rec.tally)
         return Response(dumps(renderer.whole(rec.tally)), mimetype="application/json")
-    # drive() yields bytes: direct_passthrough skips werkzeug's per-chunk re-encoding wrappers
-    return Response(drive(chunks, rec.tally, renderer), mimetype=renderer.mimetype,
+    # stream_body() yields bytes: direct_passthrough skips werkzeug's per-chunk re-encoding wrappers
+    return Response(stream_body(chunks, rec.tally, renderer), mimetype=renderer.mimetype,
                     headers=STREAM_HEADERS, direct_passthrough=True)
 
 

@@ -89,7 +89,7 @@ class Tally:
         }
 
 
-def drive(chunks, tally: Tally, renderer):
+def stream_body(chunks, tally: Tally, renderer):
     """Yield what the renderer makes of each chunk, as UTF-8 bytes (so a Response can
     pass it straight to the server: `direct_passthrough=True`); end with the renderer's
     error line on a failure. Always closes `chunks` (a client disconnect closes the
