@@ -23,6 +23,7 @@ from gateway.http.streaming import Tally
 
 
 class RequestRecord:
+    """What one request asked and got, reported once when its response has been written."""
     __slots__ = ("state", "facts", "tally", "status", "closed")
 
     def __init__(self, state, facts: dict):
