@@ -32,6 +32,8 @@ bench: install-test
 	$(PY) -m bench.run
 	$(PY) -m bench.local
 	$(PY) -m bench.soak
+	$(PY) -m bench.scaleout
+	$(PY) -m bench.surfaces
 
 lint: install-test
 	$(VENV)/bin/ruff check --select E,F,W --ignore E501 app.py wsgi.py gunicorn.conf.py gateway providers tests bench

@@ -18,8 +18,10 @@ def create_app(settings=None):
     from gateway.errors import GatewayError, scrub
     from gateway.http import lifecycle, render
     from gateway.http.guard import Guard
+    from gateway.http.anthropic_api import bp as anthropic_bp
     from gateway.http.ollama_api import bp as ollama_bp
     from gateway.http.openai_api import bp as openai_bp
+    from gateway.http.responses_api import bp as responses_bp
     from gateway.settings import Settings, load_settings
     from gateway.state import GatewayState
 
@@ -35,6 +37,8 @@ def create_app(settings=None):
     lifecycle.install(app, state)        # first: a request the guard refuses has its record too
     app.register_blueprint(ollama_bp)
     app.register_blueprint(openai_bp)
+    app.register_blueprint(anthropic_bp)
+    app.register_blueprint(responses_bp)
     try:
         from gateway.ops import install as install_ops
     except ImportError:

@@ -2,7 +2,8 @@
 
 Workers: GATEWAY_WORKERS if set; else one gevent worker when a provider type that must
 run in one process is configured (`single_worker`: local models, each worker would load its
-own copies), else one per core. Key rest state is per worker (see README, "Operations and deployment")."""
+own copies), else one per core. Key rest state is per worker unless server.redis shares it
+(see README, "Operations and deployment" and "Running several instances")."""
 import os
 import sys
 

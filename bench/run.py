@@ -188,7 +188,7 @@ class Fake:
 class Gateway:
     key = "ok-gateway"
 
-    def __init__(self, fake, logdir, root=ROOT):
+    def __init__(self, fake, logdir, root=ROOT, extra_env=None, workers=1):
         import yaml
         self.dir = tempfile.mkdtemp(prefix="gw-bench-", dir=logdir)
         # production defaults (access log, metrics, usage log on); the usage log in the temp dir
@@ -204,7 +204,8 @@ class Gateway:
         self.url = f"http://127.0.0.1:{self.port}"
         env = dict(os.environ)
         env.update({"GATEWAY_CONFIG": path, "GATEWAY_BIND": f"127.0.0.1:{self.port}",
-                    "GATEWAY_WORKERS": "1", "HOME": self.dir, "PYTHONUNBUFFERED": "1"})
+                    "GATEWAY_WORKERS": str(workers), "HOME": self.dir, "PYTHONUNBUFFERED": "1"})
+        env.update(extra_env or {})
         self.proc = start([os.path.join(VENV_BIN, "gunicorn"), "-c", "gunicorn.conf.py", "wsgi:app"],
                           GW_CORE, os.path.join(logdir, "gateway.log"), env=env, cwd=root)
         wait_http(self.url + "/api/version", self.proc)

@@ -30,6 +30,9 @@ class Message:
     tool_calls: list[ToolCall] = field(default_factory=list)
     tool_name: Optional[str] = None
     tool_call_id: Optional[str] = None
+    # Opaque signature of `thinking` (Anthropic): goes back upstream with it; surfaces
+    # that have no place for it drop it.
+    thinking_signature: Optional[str] = None
 
 
 @dataclass
@@ -74,6 +77,7 @@ class ChatRequest:
     tools: list[dict] = field(default_factory=list)   # [{"type":"function","function":{name,description,parameters}}]
     tool_choice: Any = None              # OpenAI form, passed to providers that support it
     think: Union[None, bool, str] = None
+    thinking_budget: Optional[int] = None  # tokens, when the client named one (Anthropic)
     keep_alive: Optional[float] = None   # seconds; None = provider default; < 0 forever
     stream: bool = True
     # /api/generate and /v1/completions: raw prompt completion. Providers without a raw
@@ -107,6 +111,8 @@ class Chunk:
     prompt_eval_duration: Optional[int] = None
     eval_duration: Optional[int] = None
     context: Optional[list] = None       # /api/generate token context (local only)
+    thinking_signature: str = ""         # closes the thinking so far (Anthropic), opaque
+    stop_sequence: Optional[str] = None  # which stop string ended the answer, when known
 
 
 @dataclass

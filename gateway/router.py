@@ -11,6 +11,7 @@ import logging
 from dataclasses import replace
 from typing import Iterator, Optional
 
+from gateway import clients
 from gateway.canonical import ChatRequest, Chunk, EmbedRequest, ModelCard
 from gateway.errors import BadRequest, GatewayError, model_not_found
 from providers import provider_class
@@ -104,9 +105,11 @@ class Router:
             return False
 
     def resolve(self, name: str) -> list:
-        """Targets to try in order; raises the Ollama 404 when there are none."""
+        """Targets to try in order; raises the Ollama 404 when there are none, 403 when
+        the calling client may not use the name."""
         if not isinstance(name, str) or not name:
             raise model_not_found(str(name or ""))
+        clients.check_model(name)
         alias = self.alias_name(name)
         if alias is None:
             t = self._direct(name)
@@ -134,7 +137,7 @@ class Router:
                 cards.append(replace(self.resolve(alias)[0].card, name=alias))
             except GatewayError:
                 continue   # every target unavailable: the alias is not offered either
-        return cards
+        return clients.visible(cards)
 
     def loaded(self) -> list:
         out = []

@@ -28,7 +28,8 @@ SERVER_KEYS = frozenset({
 CLIENT_KEYS = frozenset({"name", "key", "models", "rpm", "tpm", "max_parallel", "tokens_per_day"})
 # (URL scheme, form shown in errors) that server.usage_db accepts beside a plain SQLite file
 # path; any other "<scheme>://" is refused, never taken for a file path.
-USAGE_DB_SCHEMES = (("sqlite", "sqlite:///path"),)
+USAGE_DB_SCHEMES = (("sqlite", "sqlite:///path"), ("postgresql", "postgresql://user:pass@host/db"),
+                    ("postgres", "postgres://user:pass@host/db"))
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
 REDIS_SCHEMES = ("redis", "rediss", "unix")
 _SIZE = re.compile(r"^\s*([0-9.]+)\s*([KMGT]?i?B?)?\s*$", re.I)
@@ -241,13 +242,14 @@ def build_settings(raw, file: str = "<dict>", env=None) -> Settings:
     s.log_level = str(server.get("log_level", "INFO")).upper()
     s.usage_db = usage_db_value(server.get("usage_db"), file)
     s.version = str(server.get("version", s.version))
-    redis = server.get("redis")
+    redis = env.get("GATEWAY_REDIS_URL") or server.get("redis")
     if redis not in (None, ""):
         m = _SCHEME.match(redis) if isinstance(redis, str) else None
         if not m or m.group(1).lower() not in REDIS_SCHEMES:
             raise ConfigError(file, "server.redis", "must be a redis://, rediss:// or unix:// URL")
         s.redis = redis
-    s.clients = check_clients(server.get("clients"), file)
+    from gateway.clients import parse_clients   # it imports ConfigError from here
+    s.clients = parse_clients(check_clients(server.get("clients"), file), file)
 
     providers = raw.get("providers")
     providers = {} if providers is None else providers

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import logging
 
+from gateway import shared_state
+from gateway.limits import Limiter
 from gateway.router import Router
 
 log = logging.getLogger("gateway")
@@ -15,6 +17,9 @@ class GatewayState:
         # Called with one dict per finished request (logs, metrics, usage log), from
         # gateway.http.lifecycle. Each observer must be cheap and must never raise into a request.
         self.observers = []
+        self.shared = shared_state.for_settings(settings)   # None without Redis
+        self.limits = Limiter(self.shared)
+        self.observers.append(self.limits.on_finished)
 
     def finished(self, record: dict) -> None:
         for obs in self.observers:

@@ -12,6 +12,7 @@ import importlib
 TYPES = {
     "openai": ("providers.openai_compat:OpenAIProvider", "providers.remote_config:RemoteConfig"),
     "gemini": ("providers.gemini:GeminiProvider", "providers.remote_config:RemoteConfig"),
+    "anthropic": ("providers.anthropic:AnthropicProvider", "providers.anthropic_config:AnthropicConfig"),
     "local": ("providers.local.provider:LocalProvider", "providers.local.config:LocalConfig"),
 }
 

@@ -6,6 +6,7 @@ A provider is built from its YAML section (`name`, `cfg` dict) and offers:
   chat(req, uid)      -> iterator of Chunk    raises GatewayError before the first chunk
                                               when the request cannot be served at all
   embed(req, uid)     -> EmbedResult
+  count_tokens(req, uid) -> int | None        the prompt's input tokens; None: cannot count
   load(uid, keep_alive) / unload(uid) -> None (local models; remote ones do nothing)
   loaded()            -> [LoadedModel]         /api/ps
   health()            -> dict                  its /health/ready entry, never a key
@@ -84,6 +85,9 @@ class Provider(abc.ABC):
 
     def embed(self, req: EmbedRequest, upstream_id: str) -> EmbedResult:
         raise BadRequest(f'"{req.model}" does not support embeddings')
+
+    def count_tokens(self, req: ChatRequest, upstream_id: str) -> Optional[int]:
+        return None
 
     def load(self, upstream_id: str, keep_alive: Optional[float]) -> None:
         return None

@@ -188,6 +188,15 @@ class GeminiProvider(RemoteProvider):
             vectors = [l2_normalise(v[:dims]) for v in vectors]
         return EmbedResult(embeddings=vectors)
 
+    def count_tokens(self, req: ChatRequest, upstream_id: str) -> Optional[int]:
+        """Gemini's own countTokens over the request it would send."""
+        body = wire.build_generate_body(req, upstream_id, self._remembered)
+        inner = {k: body[k] for k in ("contents", "systemInstruction", "tools") if k in body}
+        inner["model"] = _model_path(upstream_id)[1:]
+        total = self._post_json(_model_path(upstream_id) + ":countTokens",
+                                {"generateContentRequest": inner}).get("totalTokens")
+        return int(total) if isinstance(total, int) else None
+
     def _post_json(self, path: str, body: dict) -> dict:
         resp = self.send("POST", path, body)
         try:

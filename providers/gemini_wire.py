@@ -166,6 +166,9 @@ def generation_config(req: ChatRequest, model_id: str) -> dict:
         g["responseMimeType"] = "application/json"
         g["responseSchema"] = sanitize_schema(req.format)
     thinking = thinking_config(req.think, model_id)
+    if thinking is not None and req.think and req.thinking_budget:
+        # the client's own budget (Anthropic surface), within what every thinking model takes
+        thinking["thinkingBudget"] = min(int(req.thinking_budget), THINK_BUDGETS["max"])
     if thinking is not None:
         g["thinkingConfig"] = thinking
     return g

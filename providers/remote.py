@@ -15,7 +15,7 @@ from typing import Iterator, Optional
 
 import requests
 
-from gateway import reqctx
+from gateway import reqctx, shared_state
 from gateway.canonical import Chunk, ModelCard
 from gateway.errors import (BadRequest, GatewayError, Passthrough, RateLimited, UpstreamFailed,
                             UpstreamTimeout, scrub)
@@ -68,7 +68,8 @@ class RemoteProvider(RemoteConfig):
         self.extra_headers = {str(k): str(v) for k, v in (cfg.get("headers") or {}).items()}
         self.pool = KeyPool(list(cfg.get("api_keys") or []),
                             cooldown=float(cfg.get("cooldown", 30)),
-                            auth_cooldown=float(cfg.get("auth_cooldown", 3600)))
+                            auth_cooldown=float(cfg.get("auth_cooldown", 3600)),
+                            shared=shared_state.for_settings(settings), scope=name)
         self.model_ids = [str(m) for m in (cfg.get("models") or [])]
         self.context_lengths = dict(cfg.get("context_lengths") or {})
         # Every call goes through this one client (and its keep-alive pool); no proxies
@@ -262,6 +263,7 @@ def gather(chunks) -> Iterator[Chunk]:
         whole.content += ch.content
         whole.thinking += ch.thinking
         whole.tool_calls.extend(ch.tool_calls)
+        whole.thinking_signature = ch.thinking_signature or whole.thinking_signature
 
 
 __all__ = ["RemoteProvider", "UpstreamHTTPError", "parse_retry_after",

@@ -64,6 +64,9 @@ def stop(proc, timeout=10):
             proc.wait()
 
 
+from tests.services import postgres_service, redis_service  # noqa: E402,F401  (fixtures)
+
+
 @pytest.fixture(scope="session")
 def fake_upstream():
     port = free_port()

@@ -10,6 +10,7 @@ Behaviour is chosen by the API key (so one server serves every scenario at once)
   cutecho... plain-text 400 echoing the key across character 500 (scrub before cutting)
   garbage... a malformed JSON event mid-stream    nodone... stream ends with no finish, no [DONE]
   trunc...   stream cut in the middle of an event
+Anthropic's /v1/messages (x-api-key): tests/fake_anthropic.py.
 and by the model id:  "chunks-N-D" streams N chunks D ms apart; "missing" → 404;
 "tools" / "tools-2" → one / two parallel get_weather calls ("tools-raw": with broken JSON), or, once the conversation ends
 with tool results, "Results: <them, joined by '; '>"; Gemini "slow-MS" sends a first event at
@@ -30,6 +31,10 @@ from gevent import monkey
 monkey.patch_all()
 
 import gevent  # noqa: E402
+try:
+    from tests import fake_anthropic  # noqa: E402  (imported as a module: bench/fake_server.py)
+except ImportError:
+    import fake_anthropic  # noqa: E402  (run as a script)
 from gevent.pywsgi import WSGIServer  # noqa: E402
 
 STATS = {"requests": Counter(), "open_streams": 0, "bodies": deque(maxlen=20)}
@@ -46,7 +51,7 @@ def _key(environ):
     auth = environ.get("HTTP_AUTHORIZATION", "")
     if auth.startswith("Bearer "):
         return auth[7:]
-    return environ.get("HTTP_X_GOOG_API_KEY", "")
+    return environ.get("HTTP_X_GOOG_API_KEY") or environ.get("HTTP_X_API_KEY", "")
 
 
 def _last_user(messages):
@@ -298,6 +303,12 @@ def app(environ, start):
         return fail
     if path.endswith("/chat/completions"):
         return openai_chat(body, key, start)
+    if path.endswith("/messages"):          # Anthropic (tests/fake_anthropic.py)
+        headers = {"anthropic-version": environ.get("HTTP_ANTHROPIC_VERSION")}
+        return fake_anthropic.messages(body, key, headers, start, _json, _sse)
+    if path.endswith("/messages/count_tokens"):
+        return fake_anthropic.count_tokens(body, {"anthropic-version": environ.get("HTTP_ANTHROPIC_VERSION")},
+                                           start, _json)
     if path.endswith("/embeddings") and not gemini:
         inputs = body.get("input")
         inputs = [inputs] if isinstance(inputs, str) else inputs
@@ -313,6 +324,13 @@ def app(environ, start):
             return gemini_generate(model, body, False, key, start)
         if verb == "streamGenerateContent":
             return gemini_generate(model, body, True, key, start)
+        if verb == "countTokens" and model == "missing":
+            return _json(start, "404 Not Found", {"error": {"code": 404, "message": "not found", "status": "NOT_FOUND"}})
+        if verb == "countTokens":   # a word count: tests can tell it from the gateway's estimate
+            inner = body["generateContentRequest"]
+            assert inner["model"] == "models/" + model, inner.get("model")
+            words = sum(len(str(p.get("text", "")).split()) for c in inner["contents"] for p in c["parts"])
+            return _json(start, "200 OK", {"totalTokens": words})
         if verb == "embedContent":
             text = body["content"]["parts"][0]["text"]
             return _json(start, "200 OK", {"embedding": {"values": [float(len(text)), 2.0]}})

@@ -122,12 +122,13 @@ def test_declared_keys_with_bad_values_name_the_key(cfg, path):
 
 def test_a_database_url_this_build_cannot_use_is_refused_and_creates_nothing(tmp_path):
     cfg = tmp_path / "gw.yaml"
-    cfg.write_text("server:\n  usage_db: postgresql://gw@db/usage\n")
+    cfg.write_text("server:\n  usage_db: mysql://gw@db/usage\n")
     p = subprocess.run([sys.executable, os.path.join(ROOT, "app.py"), "--config", str(cfg)], cwd=tmp_path,
                        capture_output=True, text=True, timeout=60, env={**os.environ, "HOME": str(tmp_path)})
     assert p.returncode != 0
-    assert (f"config error in {cfg}: server.usage_db: postgresql:// is not supported by this build "
-            "(supported: a SQLite file path, sqlite:///path)") in p.stderr
+    assert (f"config error in {cfg}: server.usage_db: mysql:// is not supported by this build "
+            "(supported: a SQLite file path, sqlite:///path, postgresql://user:pass@host/db, "
+            "postgres://user:pass@host/db)") in p.stderr
     assert os.listdir(tmp_path) == ["gw.yaml"], "nothing may be created for a refused database URL"
 
 
@@ -172,8 +173,9 @@ def test_the_shipped_config_and_every_readme_example_load():
     with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as fh:
         blocks = re.findall(r"^```yaml\n(.*?)^```", fh.read(), re.S | re.M)
     assert len(blocks) >= 2
-    for text in blocks:
-        build_settings(yaml.safe_load(text), "README.md", env={})
+    for text in blocks:   # ${VAR}s set, as a deployment would
+        env = {v: f"example-{v.lower()}" for v in re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)", text)}
+        build_settings(yaml.safe_load(text), "README.md", env=env)
 
 
 def test_every_declared_key_is_documented_in_the_readme():

@@ -66,6 +66,23 @@ def test_compose_has_gpu_mounts_and_healthcheck():
     assert gw["environment"]["GATEWAY_CONFIG"] == "/app/config/gateway.yaml"
 
 
+def test_compose_scale_out_profile_shares_redis_and_postgres():
+    from gateway.settings import load_settings
+    services = yaml.safe_load(_read("docker-compose.yml"))["services"]
+    scaled = services["gateway-scaled"]
+    assert {n for n, s in services.items() if "scale-out" in s.get("profiles", [])} == {
+        "redis", "postgres", "gateway-scaled"}
+    assert "profiles" not in services["gateway"], "plain `docker compose up` is unchanged"
+    assert scaled["deploy"]["replicas"] == 2 and scaled["build"]["target"] == "cpu"
+    assert scaled["environment"]["GATEWAY_REDIS_URL"].startswith("redis://redis:")
+    assert scaled["environment"]["GATEWAY_USAGE_DB"].startswith("postgresql://")
+    assert set(scaled["depends_on"]) == {"redis", "postgres"}
+    s = load_settings(os.path.join(ROOT, "config", "scale-out.yaml"),
+                      env={"GATEWAY_USAGE_DB": "postgresql://gw:pw@postgres:5432/gateway", "TEAM_KEY": "team-key-1"})
+    assert s.redis == "redis://redis:6379/0" and s.usage_db.startswith("postgresql://")
+    assert s.clients[0].name == "team" and s.clients[0].rpm == 60
+
+
 def test_dockerignore_keeps_the_context_small():
     ignored = {ln.strip() for ln in _read(".dockerignore").splitlines() if ln.strip() and not ln.startswith("#")}
     assert {".git", ".venv", "tests", "data", "*.gguf"} <= ignored

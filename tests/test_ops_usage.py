@@ -114,7 +114,7 @@ def test_usage_summary_grouping_and_since(make_app, fake_upstream, tmp_path):
 
 
 @pytest.mark.parametrize("query,field", [("since=yesterday", "since"), ("since=2025-13-45T00:00:00Z", "since"),
-                                         ("since=nan", "since"), ("group_by=client", "group_by"), ("group_by=model;DROP", "group_by")])
+                                         ("since=nan", "since"), ("group_by=team", "group_by"), ("group_by=model;DROP", "group_by")])
 def test_bad_usage_parameters_are_400_naming_the_field(make_app, fake_upstream, tmp_path, query, field):
     app = make_app(_cfg(fake_upstream, tmp_path / "usage.sqlite3"))
     r = app.test_client().get("/api/usage?" + query, headers=_auth(CLIENT_A))

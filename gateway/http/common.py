@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import math
 
 from flask import current_app, request
@@ -94,6 +95,10 @@ def get_model(body: dict, legacy_name: bool = False) -> str:
 def check_model_name(name: str, field: str = "model") -> str:
     if len(name.encode("utf-8", "surrogatepass")) > MAX_MODEL_NAME:
         raise BadRequest(f'invalid value for field "{field}": longer than {MAX_MODEL_NAME} bytes')
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:   # a JSON "\ud800" escape: no upstream or database takes it
+        raise BadRequest(f'invalid value for field "{field}": not valid Unicode (a lone surrogate)') from None
     if contains_secret(name):
         # The same 404 as any unknown name, before anything records the name.
         raise model_not_found(name)
@@ -221,3 +226,35 @@ def parse_tools(value, field="tools") -> list:
             "name": fn["name"], "description": str(fn.get("description") or ""),
             "parameters": params or {"type": "object", "properties": {}}}})
     return out
+
+
+IMAGE_TOKENS = 1600    # Anthropic's cap for one image at its default size
+
+
+def estimate_tokens(req) -> int:
+    """For providers that cannot count: ~4 UTF-8 bytes per token over every text, tool
+    definition and tool call, plus a few tokens of framing per message."""
+    size, images = 0, 0
+    for m in req.messages:
+        size += len(m.content.encode()) + len((m.thinking or "").encode()) + 16
+        for tc in m.tool_calls:
+            size += len(tc.name) + len(json.dumps(tc.arguments, ensure_ascii=False, separators=(",", ":")))
+        images += len(m.images)
+    if req.tools:
+        size += len(json.dumps(req.tools, ensure_ascii=False, separators=(",", ":")))
+    return int(math.ceil(size / 4)) + images * IMAGE_TOKENS
+
+
+def count_input_tokens(st, req) -> int:
+    """The prompt's tokens for the count endpoints (Anthropic's count_tokens, the Responses
+    input_tokens): the provider's own count where it has one (local tokenizer, Gemini,
+    Anthropic), else estimate_tokens. A count that fails upstream is estimated too:
+    agents budget their context by this answer."""
+    target = st.router.resolve(req.model)[0]
+    try:
+        n = target.provider.count_tokens(req, target.upstream_id)
+    except GatewayError as e:
+        logging.getLogger("gateway.count").warning(
+            "counting tokens on %s failed (%s); answering an estimate", target.card.name, e.message)
+        n = None
+    return int(n) if n is not None else estimate_tokens(req)

@@ -2,13 +2,13 @@
 rebinding (Ollama's rules)."""
 from __future__ import annotations
 
-import hmac
 import ipaddress
 import re
 import socket
 
 from flask import Response, request
 
+from gateway import clients, reqctx
 from gateway.errors import Forbidden, Unauthorized
 
 _EXEMPT = {"/", "/api/version", "/health"}
@@ -16,6 +16,7 @@ _ORIGIN_SCHEMES = ("app://", "file://", "tauri://", "vscode-webview://", "vscode
                    "chrome-extension://", "moz-extension://", "safari-web-extension://")
 _LOCAL_ORIGIN = re.compile(r"^https?://(localhost|127\.0\.0\.1|0\.0\.0\.0|\[::1\])(:\d+)?$", re.I)
 ALLOW_HEADERS = ("Authorization, Content-Type, User-Agent, Accept, X-Requested-With, OpenAI-Beta, "
+                 "x-api-key, anthropic-version, anthropic-beta, anthropic-dangerous-direct-browser-access, "
                  "x-stainless-arch, x-stainless-lang, x-stainless-os, x-stainless-package-version, "
                  "x-stainless-retry-count, x-stainless-runtime, x-stainless-runtime-version, "
                  "x-stainless-async, x-stainless-helper-method, x-stainless-timeout")
@@ -23,25 +24,29 @@ ALLOW_HEADERS = ("Authorization, Content-Type, User-Agent, Accept, X-Requested-W
 
 class Guard:
     def __init__(self, settings):
-        self.keys = [k.encode() for k in settings.api_keys]
+        self.clients = clients.ClientBook(settings)
         self.extra_origins = [o.rstrip("/") for o in settings.cors_origins]
         self.allowed_hosts = {h.lower() for h in settings.allowed_hosts}
         self.check_host = _is_loopback(settings.host)
 
     # ---- auth -----------------------------------------------------------------------------
     def check_auth(self) -> None:
-        if not self.keys or request.method == "OPTIONS":
+        clients.set_current(None)   # a keep-alive connection serves several callers
+        if not self.clients or request.method == "OPTIONS":
             return
         if request.path.rstrip("/") in _EXEMPT or request.path == "/":
             if request.method in ("GET", "HEAD"):
                 return
         header = request.headers.get("Authorization", "")
         given = header[7:].strip().encode() if header[:7].lower() == "bearer " else b""
-        ok = False
-        for k in self.keys:   # compare with every key: timing does not reveal which matched
-            ok |= hmac.compare_digest(given, k)
-        if not ok:
-            raise Unauthorized("missing or invalid API key: send Authorization: Bearer <key>")
+        if not given:   # Anthropic clients send the same key as x-api-key
+            given = request.headers.get("x-api-key", "").strip().encode()
+        client = self.clients.match(given)
+        if client is None:
+            raise Unauthorized("missing or invalid API key: send Authorization: Bearer <key> (or x-api-key: <key>)")
+        clients.set_current(client)
+        if client.name:      # logs and usage name a configured client, else show its key's hash
+            reqctx.note(client=client.name)
 
     # ---- host -----------------------------------------------------------------------------
     def check_host_header(self) -> None:

@@ -63,6 +63,15 @@ class RequestRecord:
         self.state.finished(f)
 
 
+def authorization(headers) -> Optional[str]:
+    """The caller's Authorization, or Anthropic clients' x-api-key (the same client key) as one."""
+    auth = headers.get("Authorization")
+    if auth:
+        return auth
+    key = headers.get("x-api-key")
+    return "Bearer " + key if key else None
+
+
 def client_key_id(authorization: Optional[str]) -> Optional[str]:
     """A short sha256 prefix of the bearer token: enough to tell clients apart in the
     usage log, useless for calling the gateway."""
@@ -114,7 +123,7 @@ def install(app: Flask, state) -> None:
     def _open_record():
         rule = request.url_rule.rule if request.url_rule is not None else request.path
         rec = RequestRecord(state, {"route": rule, "model": None, "stream": False,
-                                    "client": client_key_id(request.headers.get("Authorization"))})
+                                    "client": client_key_id(authorization(request.headers))})
         reqctx.begin(rec)
 
     @app.after_request

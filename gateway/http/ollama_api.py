@@ -104,7 +104,8 @@ class OllamaRenderer(Renderer):
     mimetype = NDJSON
 
     def __init__(self, req, kind: str):
-        super().__init__(req)
+        self.req = req
+        self.tally = lifecycle.current().tally     # what the answer produced so far
         self.kind = kind
         # Precomputed heads (a seam kept for speed): a plain content chunk is
         # head + timestamp + key + encoded text, no dict or json.dumps.

@@ -12,7 +12,7 @@ from flask import Blueprint, Response, current_app
 
 from gateway.canonical import ChatRequest, Chunk, EmbedRequest, Message, ToolCall
 from gateway.errors import BadRequest, GatewayError
-from gateway.http import ollama_wire
+from gateway.http import lifecycle, ollama_wire
 from gateway.http.common import (check_model_name, get_bool, get_model, get_number, get_str, parse_format, parse_tools,
                                  read_json_body, stop_list, strip_data_url)
 from gateway.http.serve import Renderer, serve, serve_embed
@@ -171,7 +171,8 @@ class ChatCompletionRenderer(Renderer):
     error = staticmethod(_error_event)
 
     def __init__(self, req: ChatRequest):
-        super().__init__(req)
+        self.req = req
+        self.tally = lifecycle.current().tally     # what the answer produced so far
         self.cid, self.created = "chatcmpl-" + uuid.uuid4().hex[:24], int(time.time())
         # Precomputed event head and tail (a seam kept for speed): a plain content chunk
         # is head + encoded text + tail, no dict or json.dumps.
@@ -227,7 +228,8 @@ class CompletionRenderer(Renderer):
     error = staticmethod(_error_event)
 
     def __init__(self, req: ChatRequest):
-        super().__init__(req)
+        self.req = req
+        self.tally = lifecycle.current().tally     # what the answer produced so far
         self.cid, self.created = "cmpl-" + uuid.uuid4().hex[:24], int(time.time())
 
     def _event(self, text, finish) -> str:

@@ -24,7 +24,10 @@ def error(e) -> Response:
     if rec is not None:
         rec.failed(e)             # the request's record reports what the client was told
     msg = getattr(e, "client_message", None) or scrub(getattr(e, "message", None) or str(e))
-    if path().startswith("/v1"):
+    if path().startswith("/v1/messages"):
+        from gateway.http.anthropic_wire import error_body
+        body = error_body(status, msg)
+    elif path().startswith("/v1"):
         kind = getattr(e, "kind", "api_error")
         if status == 404 and kind == "api_error":
             kind = "not_found_error"

@@ -15,6 +15,7 @@ from gateway.http import lifecycle
 from gateway.http.heartbeat import Deferred, await_first
 from gateway.http.ollama_wire import dumps
 from gateway.http.streaming import Tally, collect, stream_body
+from gateway.limits import admit_request
 
 STREAM_HEADERS = {"X-Accel-Buffering": "no", "Cache-Control": "no-cache"}
 
@@ -25,9 +26,10 @@ class Renderer:
     mimetype = "application/json"     # of the stream
     heartbeat: Optional[str] = None   # sent while a slow answer has not started; None: wait
 
-    def __init__(self, req):
-        self.req = req
-        self.tally: Tally = lifecycle.current().tally    # what the answer produced so far
+    def beat(self) -> str:
+        """One heartbeat (a surface whose stream must open with an event makes the first
+        one open it)."""
+        return self.heartbeat or ""
 
     def chunk(self, ch: Chunk) -> Optional[str]:
         """The text a streamed chunk becomes (None or "": nothing to send)."""
@@ -47,6 +49,7 @@ def serve(st, req, renderer: Renderer) -> Response:
     rec.note(model=req.model, stream=req.stream)
     if st.settings.log_prompts:          # opt-in only: prompts are people's data
         rec.note(prompt=prompt_text(req))
+    admit_request(st, rec.facts)         # the client's model access (403) and limits (429)
     chunks = first_chunk(st, req, rec, heartbeat=renderer.heartbeat is not None and req.stream)
     if not req.stream:
         collect(chunks, rec.tally)
@@ -79,6 +82,7 @@ def serve_embed(st, req):
     """Route an EmbedRequest; the result, noted in the record (provider, prompt tokens)."""
     rec = lifecycle.current()
     rec.note(model=req.model, stream=False)
+    admit_request(st, rec.facts)
     result, target = st.router.embed(req)
     rec.note(provider=target.provider.name)
     rec.tally.ended(Chunk(done=True, prompt_tokens=result.prompt_tokens))

@@ -23,7 +23,7 @@ def active_streams() -> int:
 class Tally:
     """What a request produced so far, and the gateway's own clock for the metrics."""
     __slots__ = ("t0", "t_first", "t_end", "content", "thinking", "tool_calls", "final",
-                 "error", "chunks")
+                 "error", "chunks", "signature")
 
     def __init__(self, t0: float):
         self.t0 = t0
@@ -35,6 +35,7 @@ class Tally:
         self.final: Optional[Chunk] = None
         self.error: Optional[GatewayError] = None
         self.chunks = 0
+        self.signature = ""
 
     def add(self, ch: Chunk) -> None:
         if self.t_first is None and (ch.content or ch.thinking or ch.tool_calls or ch.done):
@@ -46,6 +47,8 @@ class Tally:
             self.thinking.append(ch.thinking)
         if ch.tool_calls:
             self.tool_calls.extend(ch.tool_calls)
+        if ch.thinking_signature:
+            self.signature = ch.thinking_signature
         if ch.done:
             self.final = ch
             self.t_end = time.perf_counter()
@@ -98,7 +101,7 @@ def stream_body(chunks, tally: Tally, renderer):
     `gateway.reqctx.more_ready`): the one seam kept for speed here (coalesced writes)."""
     global _active
     render = renderer.chunk
-    heartbeat = renderer.heartbeat.encode() if renderer.heartbeat else None
+    beat = renderer.beat if renderer.heartbeat is not None else None
     hint = [False]
     more_ready.set(hint)
     held = []
@@ -106,8 +109,8 @@ def stream_body(chunks, tally: Tally, renderer):
     try:
         for ch in chunks:
             if ch is None:
-                if heartbeat:
-                    yield heartbeat
+                if beat is not None:
+                    yield beat().encode()
                 continue
             tally.add(ch)
             out = render(ch)

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 
 def install(app, state) -> None:
-    from gateway.ops import accesslog, health, metrics, usage
+    from gateway.ops import accesslog, client_metrics, health, metrics, usage
 
     accesslog.install(app, state)
     metrics.install(app, state)
+    client_metrics.install(app, state)
     usage.install(app, state)
     health.install(app, state)

@@ -36,6 +36,9 @@ def readiness(state) -> tuple:
             "active_streams": active_streams(),
             "offered": offered,
             "providers": providers}
+    # Redis down is not "unavailable": requests are served with per-process state.
+    shared = getattr(state, "shared", None)
+    body["shared_state"] = shared.report() if shared is not None else {"configured": False}
     return body, (200 if offered else 503)
 
 

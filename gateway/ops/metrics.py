@@ -72,8 +72,15 @@ class Metrics:
         self._routes = None
         self._lock = threading.Lock()
         self.collector = StateCollector(state)
+        self.extra_collectors = []
         if not self.mp_dir:
             self.registry.register(self.collector)
+
+    def add_collector(self, collector) -> None:
+        """A scrape-time collector of another module (answered with this worker's view)."""
+        self.extra_collectors.append(collector)
+        if not self.mp_dir:
+            self.registry.register(collector)
 
     def _model_label(self, model) -> str:
         if not model:
@@ -122,6 +129,8 @@ class Metrics:
         reg = CollectorRegistry()
         multiprocess.MultiProcessCollector(reg, path=self.mp_dir)
         reg.register(self.collector)
+        for c in self.extra_collectors:
+            reg.register(c)
         return generate_latest(reg)
 
 
@@ -141,7 +150,8 @@ class StateCollector:
                                     labels=["provider", "type"])
         keys = GaugeMetricFamily("gateway_provider_keys", "API keys configured", labels=["provider"])
         resting = GaugeMetricFamily("gateway_provider_keys_resting",
-                                    "API keys resting now after a failure, by reason (this worker)",
+                                    "API keys resting now after a failure, by reason (shared by every "
+                                    "instance with server.redis, else this worker's)",
                                     labels=["provider", "reason"])
         queue = GaugeMetricFamily("gateway_local_queue_depth", "Requests waiting for a local model",
                                   labels=["provider"])

@@ -31,11 +31,13 @@ from gateway.errors import BadRequest, NotFound, scrub
 log = logging.getLogger("gateway.usage")
 
 DEFAULT_PATH = "data/usage.sqlite3"
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")   # gateway/ops/usage_pg.py
 BUSY_TIMEOUT = 2.0          # seconds a write waits for another process's lock
 MAX_QUEUE = 10000           # rows held in memory while the disk is slow; beyond: dropped
 MAX_BATCH = 500
 ERROR_LOG_EVERY = 60.0      # at most one log line a minute while writes keep failing
-GROUPS = {"model": "model", "provider": "provider", "key": "client_key"}
+# client_key holds the client's name (server.clients) or a hash of its key (server.api_keys)
+GROUPS = {"model": "model", "provider": "provider", "client": "client_key", "key": "client_key"}
 # Clients choose model names: rows keep at most this much of one, and /api/usage lists at
 # most MAX_GROUPS groups (the busiest), the rest summed as one "other" group.
 MAX_TEXT = 512
@@ -45,7 +47,7 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS usage (
     id INTEGER PRIMARY KEY,
     ts REAL NOT NULL,               -- epoch seconds when the request finished
-    client_key TEXT,                -- sha256 prefix of the client's bearer token
+    client_key TEXT,                -- client name, or a sha256 prefix of its bearer token
     route TEXT,
     provider TEXT,
     model TEXT,
@@ -159,14 +161,17 @@ class UsageLog:
                     stop = True
                     break
                 batch.append(nxt)
-            try:
-                _blocking(self._write, batch)
-            except Exception as e:
-                self._failed(e, len(batch))
-            finally:
-                self.done += len(batch)
+            self._write_batch(batch)
             if stop:
                 return
+
+    def _write_batch(self, batch) -> None:
+        try:
+            _blocking(self._write, batch)
+        except Exception as e:
+            self._failed(e, len(batch))
+        finally:
+            self.done += len(batch)
 
     def _open(self):
         parent = os.path.dirname(os.path.abspath(self.path))
@@ -255,48 +260,48 @@ class UsageLog:
         return _blocking(self._summary, since, group_by)
 
     def _summary(self, since, group_by):
-        col = GROUPS[group_by] if group_by else None
-        where, args = ("WHERE ts >= ?", [since]) if since is not None else ("", [])
-        select = ("COUNT(*), SUM(CASE WHEN status >= 400 THEN 1 ELSE 0 END), "
-                  "COALESCE(SUM(prompt_tokens), 0), COALESCE(SUM(completion_tokens), 0), "
-                  "AVG(latency_ms), AVG(ttft_ms)")
-        total, groups = _row_dict(None), []
         if not os.path.exists(self.path):
-            return {"total": total, "groups": groups}
+            return {"total": _row_dict(None), "groups": []}
         conn = sqlite3.connect(self.path, timeout=self.busy_timeout)
         try:
-            total = _row_dict(conn.execute(f"SELECT {select} FROM usage {where}", args).fetchone())
-            if col:
-                q = (f"SELECT {col}, {select} FROM usage {where} GROUP BY {col} "
-                     f"ORDER BY COUNT(*) DESC LIMIT {MAX_GROUPS + 1}")
-                rows = conn.execute(q, args).fetchall()
-                for r in rows[:MAX_GROUPS]:
-                    d = {group_by: r[0]}
-                    d.update(_row_dict(r[1:]))
-                    groups.append(d)
-                if len(rows) > MAX_GROUPS:
-                    groups.append(self._rest(conn, col, group_by, select, where, args,
-                                             [r[0] for r in rows[:MAX_GROUPS]]))
+            return summarize(lambda q, args: conn.execute(q, args).fetchall(), "?", since, group_by)
         except sqlite3.OperationalError as e:
             if "no such table" not in str(e):
                 raise
+            return {"total": _row_dict(None), "groups": []}
         finally:
             conn.close()
-        return {"total": total, "groups": groups}
 
 
-    @staticmethod
-    def _rest(conn, col, group_by, select, where, args, shown) -> dict:
-        """Every row outside the groups shown, as one "other" group."""
-        named = [v for v in shown if v is not None]
-        cond = [f"{col} NOT IN ({', '.join('?' * len(named))})"] if named else []
-        if None in shown:
-            cond.append(f"{col} IS NOT NULL")
-        clause = (where + " AND " if where else "WHERE ") + " AND ".join(cond)
-        r = conn.execute(f"SELECT {select} FROM usage {clause}", list(args) + named).fetchone()
-        d = {group_by: "other"}
-        d.update(_row_dict(r))
-        return d
+def summarize(query, ph: str, since, group_by) -> dict:
+    """/api/usage's answer from any SQL database: query(sql, args) -> rows; `ph` is the
+    driver's placeholder (SQLite "?", psycopg "%s")."""
+    col = GROUPS[group_by] if group_by else None
+    where, args = (f"WHERE ts >= {ph}", [since]) if since is not None else ("", [])
+    select = ("COUNT(*), SUM(CASE WHEN status >= 400 THEN 1 ELSE 0 END), "
+              "COALESCE(SUM(prompt_tokens), 0), COALESCE(SUM(completion_tokens), 0), "
+              "AVG(latency_ms), AVG(ttft_ms)")
+    total = _row_dict(query(f"SELECT {select} FROM usage {where}", args)[0])
+    groups = []
+    if col:
+        rows = query(f"SELECT {col}, {select} FROM usage {where} GROUP BY {col} "
+                     f"ORDER BY COUNT(*) DESC, {col} IS NULL, {col} LIMIT {MAX_GROUPS + 1}", args)
+        for r in rows[:MAX_GROUPS]:
+            d = {group_by: r[0]}
+            d.update(_row_dict(r[1:]))
+            groups.append(d)
+        if len(rows) > MAX_GROUPS:
+            # Every row outside the groups shown, as one "other" group.
+            shown = [r[0] for r in rows[:MAX_GROUPS]]
+            named = [v for v in shown if v is not None]
+            cond = [f"{col} NOT IN ({', '.join([ph] * len(named))})"] if named else []
+            if None in shown:
+                cond.append(f"{col} IS NOT NULL")
+            clause = (where + " AND " if where else "WHERE ") + " AND ".join(cond)
+            d = {group_by: "other"}
+            d.update(_row_dict(query(f"SELECT {select} FROM usage {clause}", list(args) + named)[0]))
+            groups.append(d)
+    return {"total": total, "groups": groups}
 
 
 def _row_dict(r) -> dict:
@@ -337,13 +342,17 @@ def install(app, state) -> None:
 
     path = db_path(state.settings)
     metrics = app.extensions.get("gateway_metrics")
-    usage = None
+    usage: Optional[UsageLog] = None
     if path:
-        usage = UsageLog(path,
-                         on_error=(metrics.usage_write_errors.inc if metrics else None),
-                         on_drop=(metrics.usage_dropped.inc if metrics else None))
+        on_error = metrics.usage_write_errors.inc if metrics else None
+        on_drop = metrics.usage_dropped.inc if metrics else None
+        if path.lower().startswith(POSTGRES_SCHEMES):
+            from gateway.ops.usage_pg import PgUsageLog
+            usage = PgUsageLog(path, on_error=on_error, on_drop=on_drop,
+                               on_spool_drop=getattr(metrics, "usage_spool_dropped", None))
+        else:
+            usage = UsageLog(path, on_error=on_error, on_drop=on_drop)
         app.extensions["gateway_usage"] = usage
-
         state.observers.append(usage.record)
         _close_with(state, usage)
 
@@ -353,7 +362,7 @@ def install(app, state) -> None:
         group_by = request.args.get("group_by") or None
         if group_by is not None and group_by not in GROUPS:
             raise BadRequest(f'invalid value for "group_by": {scrub(group_by)[:64]!r} '
-                             "(use model, provider or key)")
+                             "(use model, provider, client or key)")
         if usage is None:
             raise NotFound("the usage log is disabled (server.usage_db)")
         out = {"since": since, "group_by": group_by}

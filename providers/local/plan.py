@@ -90,6 +90,19 @@ def build(m: LocalModel, req: ChatRequest, caps: list, eng) -> Plan:
                 start_thinking=start_thinking, lstrip=plain)
 
 
+def prompt_length(m: LocalModel, req: ChatRequest, caps: list, eng) -> int:
+    """The chat prompt's tokens before any cut (count_tokens): the template or transcript
+    build() renders, tokenised with the model's own vocabulary."""
+    if m.template:
+        text, add_bos = render(m, m.info(), m.template, req.messages,
+                               req.tools if "tools" in caps else None,
+                               req.think if "thinking" in caps else None)
+    else:
+        text, add_bos = P.transcript(req.messages), None
+    tokens, _ = run_blocking(eng.prepare, text, None, add_bos, [])
+    return len(tokens)
+
+
 def render(m, info, template, msgs, tools, think):
     bos = _token_text(m, "bos")
     eos = _token_text(m, "eos")

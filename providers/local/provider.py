@@ -39,6 +39,7 @@ from providers.local.config import LocalConfig
 from providers.local.generate import generate
 from providers.local.native import run_blocking
 from providers.local.plan import build as build_plan
+from providers.local.plan import prompt_length
 from providers.local.plan import with_model_options
 from providers.local.scheduler import BUSY_MESSAGE, FOREVER, Scheduler
 from providers.local.sources import LocalModel, default_cache_dir, gguf_files_in
@@ -231,6 +232,22 @@ class LocalProvider(LocalConfig):
 
     def queue_depth(self) -> int:
         return self.sched.queue_depth()
+
+    def count_tokens(self, req: ChatRequest, upstream_id: str) -> Optional[int]:
+        """The prompt's tokens with the model's own template and tokenizer (loads it)."""
+        m = self._require(req.model, upstream_id)
+        if m.embedding:
+            return None
+        try:
+            caps = m.capabilities()
+        except Exception:
+            caps = ["completion"]
+        self._ensure_engine()
+        lease = self.sched.acquire(m, req.keep_alive, req.options.num_ctx)
+        try:
+            return prompt_length(m, req, caps, lease.handle)
+        finally:
+            lease.release()
 
     def health(self) -> dict:
         h = {"type": self.type_name, "offered": True,
