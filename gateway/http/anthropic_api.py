@@ -37,7 +37,7 @@ def _thinking_hint(req) -> None:
 def messages():
     req = wire.chat_request(read_json_body())
     _thinking_hint(req)
-    return serve(state(), req, wire.StreamRenderer(wire.new_message_id(), req.model))
+    return serve(state(), req, wire.MessagesRenderer(wire.new_message_id(), req.model))
 
 
 @bp.route("/messages/count_tokens", methods=["POST"])

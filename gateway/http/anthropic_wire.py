@@ -278,7 +278,7 @@ def event(name: str, data: dict) -> str:
 PING = 'event: ping\ndata: {"type":"ping"}\n\n'
 
 
-class StreamRenderer(Renderer):
+class MessagesRenderer(Renderer):
     """Canonical chunks → Anthropic's SSE grammar: message_start, ping*, per block
     content_block_start → deltas → content_block_stop (indexes 0, 1, …), message_delta,
     message_stop; `error` after a failure. Thinking, text and each tool call open their
@@ -367,5 +367,5 @@ class StreamRenderer(Renderer):
         return event("error", error_body(status, getattr(e, "message", str(e))))
 
 
-__all__ = ["chat_request", "whole_message", "StreamRenderer", "error_body", "error_type",
+__all__ = ["chat_request", "whole_message", "MessagesRenderer", "error_body", "error_type",
            "new_message_id"]

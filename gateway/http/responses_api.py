@@ -17,7 +17,7 @@ bp = Blueprint("responses", __name__, url_prefix="/v1")
 def responses():
     body = read_json_body()
     req = wire.chat_request(body)
-    return serve(current_app.extensions["gateway"], req, wire.StreamRenderer(wire.Shape(body, req)))
+    return serve(current_app.extensions["gateway"], req, wire.ResponsesRenderer(wire.Shape(body, req)))
 
 
 @bp.route("/responses/input_tokens", methods=["POST"])

@@ -320,7 +320,7 @@ def whole_output(tally) -> list:
     return out
 
 
-class StreamRenderer(Renderer):
+class ResponsesRenderer(Renderer):
     """Canonical chunks → the Responses event sequence: response.created,
     response.in_progress, per output item …output_item.added → content/arguments deltas
     → their .done events → …output_item.done, then response.completed (or
