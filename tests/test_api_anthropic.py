@@ -382,3 +382,15 @@ def test_usage_log_attributes_x_api_key_callers(make_app, fake_upstream, tmp_pat
     rows = conn.execute("SELECT client_key, route FROM usage").fetchall()
     conn.close()
     assert rows == [(hashlib.sha256(KEY.encode()).hexdigest()[:12], "/v1/messages")]
+
+
+def test_a_clients_model_list_binds_x_api_key_callers_on_both_routes(make_app, fake_upstream):
+    cfg = remote_config(fake_upstream)
+    cfg["server"]["clients"] = [{"name": "cc", "key": KEY, "models": ["oai:*"]}]
+    c = make_app(cfg).test_client()
+    q = {"max_tokens": 5, "messages": [{"role": "user", "content": "u"}]}
+    h = {"x-api-key": KEY}
+    assert c.post("/v1/messages", headers=h, json={"model": "oai:echo", **q}).status_code == 200
+    for path in ("/v1/messages", "/v1/messages/count_tokens"):
+        r = c.post(path, headers=h, json={"model": "gem:gemini-2.5-flash", **q})
+        assert r.status_code == 403 and r.get_json()["error"]["type"] == "permission_error"
