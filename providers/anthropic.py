@@ -50,13 +50,6 @@ class AnthropicProvider(RemoteProvider, AnthropicConfig):
     def default_context_length(self, uid: str) -> Optional[int]:
         return CONTEXT_LENGTH
 
-    def models(self) -> list:
-        return [self._card(uid) for uid in self.model_ids]
-
-    def card(self, upstream_id: str) -> Optional[ModelCard]:
-        # Unlisted ids are forwarded too: the upstream decides whether they exist.
-        return self._card(upstream_id) if upstream_id else None
-
     # ---- errors ---------------------------------------------------------------------------
     def classify(self, status: int, body: dict, text: str, headers) -> tuple:
         err = body.get("error") if isinstance(body, dict) else None

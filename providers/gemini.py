@@ -50,9 +50,6 @@ class GeminiProvider(RemoteProvider):
         return {"x-goog-api-key": key}
 
     # ---- discovery ------------------------------------------------------------------------
-    def models(self) -> list:
-        return [self._card(m) for m in self.model_ids]
-
     def card(self, upstream_id: str) -> Optional[ModelCard]:
         uid = (upstream_id or "").strip()
         # Unlisted ids are forwarded too: the upstream decides whether they exist.

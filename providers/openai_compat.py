@@ -42,13 +42,6 @@ class OpenAIProvider(RemoteProvider):
             modified_at=_STARTED, format="api", family=family, families=[family],
             parameter_size="", quantization_level="", capabilities=["completion", "tools"]))
 
-    def models(self) -> list:
-        return [self._card(uid) for uid in self.model_ids]
-
-    def card(self, upstream_id: str) -> Optional[ModelCard]:
-        # Unlisted ids are forwarded too: the upstream decides whether they exist.
-        return self._card(upstream_id) if upstream_id else None
-
     # ---- errors -----------------------------------------------------------------------
     def classify(self, status: int, body: dict, text: str, headers) -> tuple:
         err = body.get("error") if isinstance(body, dict) else None

@@ -103,6 +103,17 @@ class RemoteProvider(RemoteConfig):
         return scrub((text or "").strip())[:500] or "no error message"
 
     # ---- discovery --------------------------------------------------------------------
+    def _card(self, uid: str) -> ModelCard:
+        """This type's card for one upstream model id."""
+        raise NotImplementedError
+
+    def models(self) -> list:
+        return [self._card(uid) for uid in self.model_ids]
+
+    def card(self, upstream_id: str) -> Optional[ModelCard]:
+        # Unlisted ids are forwarded too: the upstream decides whether they exist.
+        return self._card(upstream_id) if upstream_id else None
+
     def listed(self, upstream_id: str) -> bool:
         return upstream_id in self.model_ids   # card() also accepts unlisted ids
 
