@@ -150,20 +150,24 @@ class UsageLog:
             item = self._q.get()
             if item is None:
                 return
-            batch = [item]
-            stop = False
-            while len(batch) < MAX_BATCH:
-                try:
-                    nxt = self._q.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    stop = True
-                    break
-                batch.append(nxt)
+            batch, stop = self._take_batch(item)
             self._write_batch(batch)
             if stop:
                 return
+
+    def _take_batch(self, first) -> tuple:
+        """`first` plus what else is queued now, up to MAX_BATCH records; stop is True when
+        the close sentinel (None) was met."""
+        batch = [first]
+        while len(batch) < MAX_BATCH:
+            try:
+                nxt = self._q.get_nowait()
+            except queue.Empty:
+                break
+            if nxt is None:
+                return batch, True
+            batch.append(nxt)
+        return batch, False
 
     def _write_batch(self, batch) -> None:
         try:

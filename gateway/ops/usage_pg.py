@@ -30,7 +30,7 @@ from typing import Optional
 
 from gateway.errors import ServiceBusy, register_secret, scrub
 from gateway.shared_state import safe_url
-from gateway.ops.usage import COLUMNS, MAX_BATCH, UsageLog, summarize
+from gateway.ops.usage import COLUMNS, UsageLog, summarize
 
 log = logging.getLogger("gateway.usage")
 # The pool logs every failed connection attempt; while the database is down that is a line
@@ -204,17 +204,7 @@ class PgUsageLog(UsageLog):
             if item is None:
                 self.spool.release()
                 return
-            batch = [item]
-            stop = False
-            while len(batch) < MAX_BATCH:
-                try:
-                    nxt = self._q.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    stop = True
-                    break
-                batch.append(nxt)
+            batch, stop = self._take_batch(item)
             self._write_batch(batch)
             if stop:
                 self.spool.release()
