@@ -164,16 +164,25 @@ def _error_event(e: GatewayError) -> str:
     return "data: " + dumps({"error": {"message": e.message, "type": e.kind, "code": str(e.status)}}) + "\n\n"
 
 
-class ChatCompletionRenderer(Renderer):
-    """chat.completion (whole) and chat.completion.chunk SSE events."""
+class _OpenAIRenderer(Renderer):
+    """What OpenAI's two SSE renderers share: framing, errors, the answer's id and time."""
     mimetype = SSE
     heartbeat = ": keep-alive\n\n"
     error = staticmethod(_error_event)
+    id_prefix = ""
 
     def __init__(self, req: ChatRequest):
         self.req = req
         self.tally = lifecycle.current().tally     # what the answer produced so far
-        self.cid, self.created = "chatcmpl-" + uuid.uuid4().hex[:24], int(time.time())
+        self.cid, self.created = self.id_prefix + uuid.uuid4().hex[:24], int(time.time())
+
+
+class ChatCompletionRenderer(_OpenAIRenderer):
+    """chat.completion (whole) and chat.completion.chunk SSE events."""
+    id_prefix = "chatcmpl-"
+
+    def __init__(self, req: ChatRequest):
+        super().__init__(req)
         # Precomputed event head and tail (a seam kept for speed): a plain content chunk
         # is head + encoded text + tail, no dict or json.dumps.
         self.head = ('data: {"id":"' + self.cid + '","object":"chat.completion.chunk","created":'
@@ -221,16 +230,9 @@ class ChatCompletionRenderer(Renderer):
                 "usage": _usage(t.final)}
 
 
-class CompletionRenderer(Renderer):
+class CompletionRenderer(_OpenAIRenderer):
     """text_completion (whole) and its SSE events."""
-    mimetype = SSE
-    heartbeat = ": keep-alive\n\n"
-    error = staticmethod(_error_event)
-
-    def __init__(self, req: ChatRequest):
-        self.req = req
-        self.tally = lifecycle.current().tally     # what the answer produced so far
-        self.cid, self.created = "cmpl-" + uuid.uuid4().hex[:24], int(time.time())
+    id_prefix = "cmpl-"
 
     def _event(self, text, finish) -> str:
         return "data: " + dumps({"id": self.cid, "object": "text_completion", "created": self.created,
