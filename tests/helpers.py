@@ -37,3 +37,12 @@ def sse_body(*events, done=True, crlf=False, comments=False) -> bytes:
     if done:
         out.append("data: [DONE]" + nl + nl)
     return "".join(out).encode()
+
+
+def with_tiny_local(cfg: dict, tmp_path) -> dict:
+    """cfg plus a `local` provider serving the tiny generated GGUF as `local:tiny`."""
+    from tests.tiny_gguf import write_tiny_gguf     # here: only the tests that use it load numpy
+    cfg["providers"]["local"] = {"type": "local", "keep_alive": "5m", "n_threads": 1,
+                                 "cache_dir": str(tmp_path / "cache"),
+                                 "models": {"tiny": {"path": write_tiny_gguf(str(tmp_path / "tiny.gguf"))}}}
+    return cfg

@@ -13,6 +13,7 @@ from gateway.errors import BadRequest
 from gateway.http import anthropic_wire as wire
 from gateway.http.common import estimate_tokens
 from tests.conftest import Gunicorn, remote_config
+from tests.helpers import with_tiny_local
 
 pytestmark = pytest.mark.timeout(120)
 TOOLS = [{"name": "get_weather", "description": "weather in a city",
@@ -248,12 +249,7 @@ def test_ping_goes_out_while_the_upstream_is_silent(faulty):
 
 # ---- the tiny local model ---------------------------------------------------------------------
 def test_sdk_against_a_local_gguf_count_is_exact(fake_upstream, tmp_path):
-    from tests.tiny_gguf import write_tiny_gguf
-    cfg = remote_config(fake_upstream)
-    cfg["providers"]["local"] = {"type": "local", "keep_alive": "5m", "n_threads": 1,
-                                 "cache_dir": str(tmp_path / "cache"),
-                                 "models": {"tiny": {"path": write_tiny_gguf(str(tmp_path / "tiny.gguf"))}}}
-    g = Gunicorn(cfg)
+    g = Gunicorn(with_tiny_local(remote_config(fake_upstream), tmp_path))
     try:
         c = client(g)
         msgs = [{"role": "user", "content": "hello world, the capital of France"}]

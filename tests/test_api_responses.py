@@ -15,6 +15,7 @@ from gateway.errors import BadRequest
 from gateway.http import responses_wire as wire
 from gateway.http.streaming import Tally
 from tests.conftest import Gunicorn, remote_config
+from tests.helpers import with_tiny_local
 
 pytestmark = pytest.mark.timeout(120)
 TOOLS = [{"type": "function", "name": "get_weather", "description": "weather in a city", "strict": False,
@@ -152,12 +153,7 @@ def test_keepalive_while_the_upstream_is_silent(gw):
 
 
 def test_responses_against_a_local_gguf(fake_upstream, tmp_path):
-    from tests.tiny_gguf import write_tiny_gguf
-    cfg = remote_config(fake_upstream)
-    cfg["providers"]["local"] = {"type": "local", "keep_alive": "5m", "n_threads": 1,
-                                 "cache_dir": str(tmp_path / "cache"),
-                                 "models": {"tiny": {"path": write_tiny_gguf(str(tmp_path / "tiny.gguf"))}}}
-    g = Gunicorn(cfg)
+    g = Gunicorn(with_tiny_local(remote_config(fake_upstream), tmp_path))
     try:
         c = client(g)
         r = c.responses.create(model="local:tiny", input="hello world", max_output_tokens=4)
