@@ -25,13 +25,7 @@ SIG = base64.b64encode(bytes(range(200))).decode()       # has "+", "/" and padd
 
 
 upstream = UpstreamStub()
-
-
-@pytest.fixture(autouse=True)
-def _fresh_upstream():
-    upstream.reset()
-    yield
-    upstream.reset()
+_fresh_upstream = upstream.fresh_each_test()
 
 
 def make(keys=(K1,), **extra):

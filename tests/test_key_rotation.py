@@ -10,7 +10,7 @@ import requests
 from gateway.errors import RateLimited, UpstreamFailed, UpstreamTimeout
 from providers.keypool import AUTH, RATE, TRANSIENT, KeyPool
 from tests.test_openai_adapter import (KEYS, _fresh_upstream, add_err, auth_of, chat, joined, key_state, make,  # noqa: F401
-                                       ok_stream, upstream)
+                                       first_key_state_after, ok_stream, upstream)
 
 
 class Clock:
@@ -106,11 +106,7 @@ def test_all_keys_resting_answers_429_without_calling():
 
 @pytest.mark.parametrize("status", [500, 502, 503, 408])
 def test_transient_errors_rotate(status):
-    add_err(status, key=KEYS[0])
-    ok_stream(key=KEYS[1])
-    p = make()
-    assert joined(chat(p))[0] == "hi"
-    st = key_state(p, 0)
+    st = first_key_state_after(status)
     assert st["reason"] == "transient" and st["rest_seconds_left"] <= 30
 
 

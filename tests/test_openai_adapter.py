@@ -23,13 +23,7 @@ KEYS = ["sk-or-v1-KEYAAAA1111", "sk-or-v1-KEYBBBB2222", "sk-or-v1-KEYCCCC3333"]
 
 
 upstream = UpstreamStub()
-
-
-@pytest.fixture(autouse=True)
-def _fresh_upstream():
-    upstream.reset()
-    yield
-    upstream.reset()
+_fresh_upstream = upstream.fresh_each_test()
 
 
 def make(n_keys=2, **over):
@@ -90,6 +84,16 @@ def auth_of(i):
 
 def key_state(p, i):
     return p.pool.snapshot()["keys"][i]
+
+
+def first_key_state_after(status) -> dict:
+    """The first key answers `status`, the second streams: the chat still succeeds, and
+    this is the first key's state in the pool afterwards."""
+    add_err(status, key=KEYS[0])
+    ok_stream(key=KEYS[1])
+    p = make()
+    assert joined(chat(p))[0] == "hi"
+    return key_state(p, 0)
 
 
 # ---- canonical -> OpenAI ----------------------------------------------------------------
@@ -421,11 +425,7 @@ def test_cards_name_the_family_and_unlisted_ids_are_forwarded():
 
 @pytest.mark.parametrize("status", [401, 402, 403])
 def test_auth_failures_rotate_and_rest_long(status):
-    add_err(status, key=KEYS[0])
-    ok_stream(key=KEYS[1])
-    p = make()
-    assert joined(chat(p))[0] == "hi"
-    st = key_state(p, 0)
+    st = first_key_state_after(status)
     assert st["reason"] == "auth" and st["rest_seconds_left"] > 3000
 
 

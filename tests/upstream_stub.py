@@ -21,6 +21,7 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
+import pytest
 import requests
 from requests.structures import CaseInsensitiveDict
 
@@ -73,6 +74,16 @@ class UpstreamStub:
     def reset(self) -> None:
         self.answers.clear()
         self.calls.clear()
+
+    def fresh_each_test(self):
+        """An autouse fixture that empties this stub around each test; bind it to a module
+        name so pytest finds it."""
+        @pytest.fixture(autouse=True)
+        def _fresh_upstream():
+            self.reset()
+            yield
+            self.reset()
+        return _fresh_upstream
 
     def attach(self, provider):
         provider.transport = _StubTransport.of(provider.transport, self)

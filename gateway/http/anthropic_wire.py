@@ -7,7 +7,7 @@ from json.encoder import encode_basestring as encode_str
 
 from gateway.canonical import ChatRequest, Chunk, Message, ToolCall
 from gateway.errors import BadRequest
-from gateway.http.common import get_bool, get_model, get_number, strip_data_url
+from gateway.http.common import get_bool, get_model, get_number, strip_data_url, tool_objects
 from gateway.http.ollama_wire import dumps
 from gateway.http.serve import Renderer
 from gateway.tool_calls import arguments_from_request
@@ -145,14 +145,8 @@ def _message(m, i: int, names: dict) -> list:
 
 
 def _tools(value) -> list:
-    if value is None:
-        return []
-    if not isinstance(value, list):
-        raise _bad("tools", "expected a list of tools")
     out = []
-    for i, t in enumerate(value):
-        if not isinstance(t, dict):
-            raise _bad(f"tools[{i}]", "expected an object")
+    for i, t in tool_objects(value):
         if t.get("type") not in (None, "custom"):
             continue    # Anthropic's server tools (web_search, bash_…): no model here runs them
         name, schema = t.get("name"), t.get("input_schema")

@@ -208,6 +208,19 @@ def strip_data_url(image, field: str) -> str:
     return image
 
 
+def tool_objects(value, field: str = "tools") -> list:
+    """(index, object) for each item of a tools list (None: no tools); the wire decides what
+    each object means."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise _type_error(field, "a list of tools")
+    for i, t in enumerate(value):
+        if not isinstance(t, dict):
+            raise _type_error(f"{field}[{i}]", "an object")
+    return list(enumerate(value))
+
+
 def parse_tools(value, field="tools") -> list:
     if value is None:
         return []

@@ -17,7 +17,7 @@ from typing import Optional
 
 from gateway.canonical import ChatRequest, Chunk, Message, ToolCall
 from gateway.errors import BadRequest
-from gateway.http.common import get_bool, get_model, get_number, parse_format, strip_data_url
+from gateway.http.common import get_bool, get_model, get_number, parse_format, strip_data_url, tool_objects
 from gateway.http.ollama_wire import dumps
 from gateway.http.serve import Renderer
 from gateway.tool_calls import arguments_from_request, arguments_text
@@ -143,14 +143,8 @@ def _input(items, messages: list) -> None:
 
 
 def _tools(value) -> list:
-    if value is None:
-        return []
-    if not isinstance(value, list):
-        raise _bad("tools", "expected a list of tools")
     out = []
-    for i, t in enumerate(value):
-        if not isinstance(t, dict):
-            raise _bad(f"tools[{i}]", "expected an object")
+    for i, t in tool_objects(value):
         kind = t.get("type")
         if kind == "namespace":          # Codex: a group of function tools, flattened
             out.extend(_tools([x for x in (t.get("tools") or []) if isinstance(x, dict)]))
