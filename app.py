@@ -16,7 +16,7 @@ def create_app(settings=None):
     from flask import Flask
 
     from gateway.errors import GatewayError, scrub
-    from gateway.http import render
+    from gateway.http import lifecycle, render
     from gateway.http.guard import Guard
     from gateway.http.anthropic_api import bp as anthropic_bp
     from gateway.http.ollama_api import bp as ollama_bp
@@ -34,6 +34,7 @@ def create_app(settings=None):
     state = GatewayState(settings)
     app.extensions["gateway"] = state
     guard = Guard(settings)
+    lifecycle.install(app, state)        # first: a request the guard refuses has its record too
     app.register_blueprint(ollama_bp)
     app.register_blueprint(openai_bp)
     app.register_blueprint(anthropic_bp)

@@ -46,7 +46,7 @@ def main():
     from gateway.http import ollama_wire
     from gateway.http.ollama_api import now_rfc3339
     from gateway.http.openai_api import encode_str
-    from providers.remote import _json_loads
+    from providers.transport import json_loads as _json_loads
 
     print("per call (best of 5):")
     row("created_at timestamp: rfc3339() -> now_rfc3339()", us(rfc3339), us(now_rfc3339))
@@ -96,7 +96,7 @@ def main():
         import requests
         from requests.adapters import HTTPAdapter
 
-        from providers.remote import Transport
+        from providers.transport import Transport
         for _ in range(100):
             try:
                 requests.get(f"http://127.0.0.1:{port}/_stats", timeout=1)

@@ -198,14 +198,10 @@ class Limiter:
 
 def admit_request(st, record: dict) -> None:
     """Before routing a generation or embedding: the client's model access (403), then
-    its limits (429). The ticket rides in the record to the observers (on_finished)."""
+    its limits (429). The ticket rides in the record to the observers (on_finished), which
+    every request reaches once (gateway.http.lifecycle), crashed or not."""
     from gateway import clients
     clients.check_model(record.get("model") or "")
     ticket = st.limits.admit(clients.current())
     if ticket is not None:
         record["limit_ticket"] = ticket
-
-
-def release(st, record: dict) -> None:
-    """A request that crashed (not a GatewayError: no observer sees it) gives its slot back."""
-    st.limits.finish(record.get("limit_ticket"), 0)

@@ -1,13 +1,15 @@
 """Facts about the request being served that deep layers report upward (which key index
 answered, whether the next chunk is already in hand) without knowing about HTTP. Held in
-context variables, which greenlet gives each greenlet (and so each request) on its own."""
+context variables, which greenlet gives each greenlet (and so each request) on its own;
+a background greenlet started for the request (heartbeat.FirstChunk) copies them."""
 from __future__ import annotations
 
 from contextvars import ContextVar
 
+# The request's record (gateway.http.lifecycle.RequestRecord): anything with .note(**facts).
 _record: ContextVar = ContextVar("gateway_request_record", default=None)
 
-# Output coalescing. The stream writer (gateway.http.streaming.drive) puts a one-item list
+# Output coalescing. The stream writer (gateway.http.streaming.stream_body) puts a one-item list
 # here while it streams; a provider that knows the next chunk is already in hand (parsed
 # from bytes that have arrived, e.g. providers.remote's SSE reader) sets item 0 to True.
 # The writer then keeps the rendered chunk and sends it together with the next ones, in
@@ -17,7 +19,7 @@ _record: ContextVar = ContextVar("gateway_request_record", default=None)
 more_ready: ContextVar = ContextVar("gateway_more_ready", default=None)
 
 
-def begin(record: dict) -> dict:
+def begin(record):
     _record.set(record)
     return record
 
@@ -29,4 +31,4 @@ def current():
 def note(**facts) -> None:
     rec = _record.get()
     if rec is not None:
-        rec.update(facts)
+        rec.note(**facts)

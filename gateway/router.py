@@ -81,6 +81,15 @@ class Router:
             return name[:-7]
         return None
 
+    def provider_named_by(self, model) -> Optional[str]:
+        """The provider a `<provider>:` prefix names, so a request that failed before any
+        answer still counts against it."""
+        if isinstance(model, str) and ":" in model:
+            prefix = model.split(":", 1)[0]
+            if prefix in self.providers:
+                return prefix
+        return None
+
     def listed(self, name) -> bool:
         """An alias or a configured model (not an unlisted id a remote provider would
         forward): the names metrics keep as labels."""
@@ -162,7 +171,7 @@ class Router:
             except BaseException:
                 _close(gen)
                 raise
-            return _prepend(first, gen, t)
+            return AnswerStream(first, gen, t)
         raise last  # pragma: no cover - the loop always returns or raises
 
     def embed(self, req: EmbedRequest):
@@ -185,9 +194,11 @@ class Router:
         t.provider.unload(t.upstream_id)
 
 
-class _prepend:
-    """Iterator of `first` then the rest of `gen`; close() reaches the provider's
-    generator so a client disconnect closes the upstream at once."""
+class AnswerStream:
+    """The answer of the target that answered (`target`): its first chunk (already
+    fetched, so a failure before it could still fail over), then the rest of the
+    provider's generator. close() reaches that generator, so a client disconnect closes
+    the upstream at once."""
     __slots__ = ("_first", "_gen", "target")
 
     def __init__(self, first, gen, target=None):

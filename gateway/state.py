@@ -14,15 +14,14 @@ class GatewayState:
     def __init__(self, settings):
         self.settings = settings
         self.router = Router(settings)
-        # Called with one dict per finished request (logs, metrics, usage log). Each
-        # observer must be cheap and must never raise into a request.
+        # Called with one dict per finished request (logs, metrics, usage log), from
+        # gateway.http.lifecycle. Each observer must be cheap and must never raise into a request.
         self.observers = []
         self.shared = shared_state.for_settings(settings)   # None without Redis
         self.limits = Limiter(self.shared)
         self.observers.append(self.limits.on_finished)
 
     def finished(self, record: dict) -> None:
-        record["_done"] = True     # the error path must not report it a second time
         for obs in self.observers:
             try:
                 obs(record)

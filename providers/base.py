@@ -9,8 +9,11 @@ A provider is built from its YAML section (`name`, `cfg` dict) and offers:
   count_tokens(req, uid) -> int | None        the prompt's input tokens; None: cannot count
   load(uid, keep_alive) / unload(uid) -> None (local models; remote ones do nothing)
   loaded()            -> [LoadedModel]         /api/ps
-  health()            -> dict                  /health/ready, never a key
+  health()            -> dict                  its /health/ready entry, never a key
+  gauges()            -> Gauges                its /metrics numbers at scrape time
   close()
+Only `type_name` and `chat` are required (abstract); the rest are optional hooks with
+the defaults below.
 
 Config: each class declares the YAML keys of its section in `config_keys` (a subclass adds
 its own to its base's) and checks them in the classmethod `check_config`; an undeclared key
@@ -18,6 +21,8 @@ is a config error. That check lives in a light class per type (providers/__init_
 """
 from __future__ import annotations
 
+import abc
+from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
 from gateway.canonical import ChatRequest, Chunk, EmbedRequest, EmbedResult, ModelCard
@@ -25,8 +30,17 @@ from gateway.errors import BadRequest
 from gateway.settings import check_keys
 
 
-class Provider:
-    type_name = "base"
+@dataclass
+class Gauges:
+    """What /metrics shows of one provider at scrape time; None: not this type's."""
+    keys_total: Optional[int] = None
+    keys_resting: dict[str, int] = field(default_factory=dict)   # rest reason -> keys resting now
+    queue_depth: Optional[int] = None                           # requests waiting for a model
+    loaded: Optional[list] = None                               # [LoadedModel] held now
+
+
+class Provider(abc.ABC):
+    type_name: str        # the `type:` of its config section; each type declares its own
     # YAML keys of this type's section; subclasses extend it. Each key declared once.
     config_keys = frozenset({"type"})
     # True: this type holds per-process state a second worker would duplicate (loaded
@@ -65,8 +79,9 @@ class Provider:
         return self.card(upstream_id) is not None
 
     # --- work ------------------------------------------------------------------------
+    @abc.abstractmethod
     def chat(self, req: ChatRequest, upstream_id: str) -> Iterator[Chunk]:
-        raise NotImplementedError
+        ...
 
     def embed(self, req: EmbedRequest, upstream_id: str) -> EmbedResult:
         raise BadRequest(f'"{req.model}" does not support embeddings')
@@ -83,8 +98,13 @@ class Provider:
     def loaded(self) -> list:
         return []
 
+    # --- operations --------------------------------------------------------------------
     def health(self) -> dict:
+        """This provider's /health/ready entry: anything its type knows, never a key."""
         return {"type": self.type_name, "offered": self.offered}
+
+    def gauges(self) -> Gauges:
+        return Gauges()
 
     def close(self) -> None:
         return None

@@ -14,10 +14,25 @@ import time
 import pytest
 import requests
 import yaml
+from flask import Flask
+from flask.testing import FlaskClient
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.environ.setdefault("GGML_NO_BACKTRACE", "1")
+
+
+class ClosingClient(FlaskClient):
+    """Flask's test client that closes each response once read, as every WSGI server does
+    (PEP 3333): a request's record (gateway.http.lifecycle) closes then. Pass
+    buffered=False to read a stream piece by piece and close it yourself."""
+
+    def open(self, *args, **kwargs):
+        kwargs.setdefault("buffered", True)
+        return super().open(*args, **kwargs)
+
+
+Flask.test_client_class = ClosingClient
 
 
 def free_port() -> int:
@@ -103,6 +118,32 @@ def make_app(tmp_path):
     yield make
     for a in apps:
         a.extensions["gateway"].close()
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """Tiny generated GGUF files (tests/tiny_gguf.py) by model name: "tiny" (chat),
+    "emb" (embedding)."""
+    from tests.tiny_gguf import write_tiny_gguf
+    d = tmp_path_factory.mktemp("tiny-gguf")
+    return {"tiny": write_tiny_gguf(str(d / "tiny.gguf")),
+            "emb": write_tiny_gguf(str(d / "emb.gguf"), embedding=True, seed=3)}
+
+
+@pytest.fixture
+def client(make_app, fake_upstream):
+    """A test client of the gateway on remote_config (the fake upstream), fresh per test."""
+    return make_app(remote_config(fake_upstream)).test_client()
+
+
+@pytest.fixture(scope="module")
+def module_client(fake_upstream):
+    """The same, one app per module: for tests that change no state (key rests included)."""
+    from app import create_app
+    from gateway.settings import build_settings
+    app = create_app(build_settings(remote_config(fake_upstream)))
+    yield app.test_client()
+    app.extensions["gateway"].close()
 
 
 class Gunicorn:

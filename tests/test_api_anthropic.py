@@ -324,7 +324,7 @@ def test_canonical_answers_render_as_anthropic_blocks():
                               {"type": "text", "text": "hi"},
                               {"type": "tool_use", "id": "toolu_x", "name": "f", "input": {"a": 1}}]
     assert msg["stop_reason"] == "tool_use" and msg["usage"] == {"input_tokens": 3, "output_tokens": 2}
-    r = wire.StreamRenderer("msg_1", "m")
+    r = wire.MessagesRenderer("msg_1", "m")
     out = "".join(r.chunk(c) for c in [Chunk(thinking="th"), Chunk(thinking_signature="sig"), Chunk(content="hi"),
                                        Chunk(done=True, done_reason="length", stop_sequence=None)])
     evs = [json.loads(b.split("data: ", 1)[1]) for b in out.split("\n\n") if b]

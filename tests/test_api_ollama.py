@@ -8,23 +8,12 @@ import re
 import pytest
 
 from tests.conftest import remote_config
+from tests.helpers import ndjson
 
 TS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{9}Z$")
 
 
-@pytest.fixture
-def client(make_app, fake_upstream):
-    return make_app(remote_config(fake_upstream)).test_client()
-
-
-def lines(resp):
-    text = resp.get_data(as_text=True)
-    assert "\n\n" not in text, "NDJSON must never contain a blank line"
-    assert text.endswith("\n")
-    return [json.loads(x) for x in text.splitlines()]
-
-
-def test_root_and_version(client):
+def test_root_says_ollama_is_running_and_version_is_numeric(client):
     r = client.get("/")
     assert r.status_code == 200 and r.data == b"Ollama is running"
     assert r.mimetype == "text/plain"
@@ -71,7 +60,7 @@ def test_chat_stream_default_ndjson(client):
     assert r.status_code == 200
     assert r.mimetype == "application/x-ndjson"
     assert r.headers["X-Accel-Buffering"] == "no"
-    out = lines(r)
+    out = ndjson(r)
     for ch in out:
         assert ch["model"] == "oai:echo" and TS.match(ch["created_at"])
         assert ch["message"]["role"] == "assistant" and isinstance(ch["message"]["content"], str)
@@ -113,7 +102,7 @@ def test_chat_tool_calls_are_objects(client):
 
 def test_generate_stream_and_not(client):
     r = client.post("/api/generate", json={"model": "oai:echo", "prompt": "why sky"})
-    out = lines(r)
+    out = ndjson(r)
     assert all(c["response"] for c in out[:-1]), "non-final generate chunks must have a response"
     assert "".join(c["response"] for c in out) == "Echo: why sky"
     assert out[-1]["done"] and out[-1]["response"] == ""
@@ -123,7 +112,7 @@ def test_generate_stream_and_not(client):
 
 def test_load_and_unload_remote(client):
     r = client.post("/api/chat", json={"model": "oai:echo", "messages": []})
-    assert lines(r)[-1]["done_reason"] == "load"
+    assert ndjson(r)[-1]["done_reason"] == "load"
     r = client.post("/api/generate", json={"model": "oai:echo", "keep_alive": 0, "stream": False})
     assert r.json["done_reason"] == "unload" and r.json["response"] == ""
 
@@ -276,7 +265,7 @@ def test_mid_stream_failure_ends_with_error_line(make_app, fake_upstream):
     c = make_app(cfg).test_client()
     r = c.post("/api/chat", json={"model": "oai:chunks-32-0", "messages": [{"role": "user", "content": "x"}]})
     assert r.status_code == 200
-    out = lines(r)
+    out = ndjson(r)
     assert "error" in out[-1] and "cut-1" not in out[-1]["error"]
     assert any(c.get("message", {}).get("content") for c in out[:-1])
 
@@ -286,7 +275,7 @@ def test_heartbeats_while_upstream_is_silent(make_app, fake_upstream):
     cfg["server"]["heartbeat"] = 0.5
     cfg["providers"]["oai"]["api_keys"] = ["slow-hb"]     # 3 s before the upstream answers
     c = make_app(cfg).test_client()
-    out = lines(c.post("/api/chat", json={"model": "oai:echo", "messages": [{"role": "user", "content": "zz"}]}))
+    out = ndjson(c.post("/api/chat", json={"model": "oai:echo", "messages": [{"role": "user", "content": "zz"}]}))
     beats = [o for o in out if not o["done"] and o["message"]["content"] == ""]
     assert len(beats) >= 3
     assert "".join(o["message"]["content"] for o in out) == "Echo: zz" and out[-1]["done"]
@@ -294,7 +283,7 @@ def test_heartbeats_while_upstream_is_silent(make_app, fake_upstream):
                                              "messages": [{"role": "user", "content": "zz"}]})
     text = r.get_data(as_text=True)
     assert text.count(": keep-alive\n\n") >= 3 and text.endswith("data: [DONE]\n\n")
-    out = lines(c.post("/api/generate", json={"model": "oai:echo", "prompt": "zz"}))
+    out = ndjson(c.post("/api/generate", json={"model": "oai:echo", "prompt": "zz"}))
     assert all(o["response"] for o in out[:-1]), "no heartbeats on /api/generate"
 
 
@@ -304,5 +293,5 @@ def test_heartbeat_then_failure_is_an_error_line(make_app, fake_upstream):
     cfg["providers"]["oai"]["api_keys"] = ["slow-x"]
     cfg["providers"]["oai"]["timeout"] = 1.2
     c = make_app(cfg).test_client()
-    out = lines(c.post("/api/chat", json={"model": "oai:echo", "messages": [{"role": "user", "content": "zz"}]}))
+    out = ndjson(c.post("/api/chat", json={"model": "oai:echo", "messages": [{"role": "user", "content": "zz"}]}))
     assert "error" in out[-1] and "timed out" in out[-1]["error"]

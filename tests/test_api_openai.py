@@ -5,24 +5,14 @@ import json
 
 import pytest
 
-from tests.conftest import remote_config
+from tests.helpers import sse_data
 
 
-@pytest.fixture
-def client(make_app, fake_upstream):
-    return make_app(remote_config(fake_upstream)).test_client()
-
-
-def events(resp):
-    text = resp.get_data(as_text=True)
-    return [e[6:] for e in text.split("\n\n") if e]
-
-
-def test_stream_shape(client):
+def test_a_stream_opens_with_the_role_and_ends_with_done(client):
     r = client.post("/v1/chat/completions", json={"model": "oai:echo", "stream": True,
                                                   "messages": [{"role": "user", "content": "a b"}]})
     assert r.mimetype == "text/event-stream"
-    evs = events(r)
+    evs = sse_data(r)
     assert evs[-1] == "[DONE]"
     objs = [json.loads(e) for e in evs[:-1]]
     assert objs[0]["choices"][0]["delta"]["role"] == "assistant"
@@ -32,7 +22,7 @@ def test_stream_shape(client):
     assert "".join(o["choices"][0]["delta"].get("content", "") for o in objs) == "Echo: a b"
 
 
-def test_non_stream_default(client):
+def test_without_stream_the_answer_is_one_chat_completion(client):
     r = client.post("/v1/chat/completions", json={"model": "gem:gemini-2.5-flash",
                                                   "messages": [{"role": "user", "content": [
                                                       {"type": "text", "text": "parts"}]}]})

@@ -3,11 +3,9 @@ from __future__ import annotations
 
 import json
 
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import remote_config
 
 ROUTES = ["/api/chat", "/api/generate", "/api/embed", "/api/embeddings", "/api/show", "/api/pull",
           "/api/copy", "/api/create", "/v1/chat/completions", "/v1/completions", "/v1/embeddings"]
@@ -27,36 +25,27 @@ body = st.fixed_dictionaries({}, optional={
     "stop": values, "source": values, "unknown": values})
 
 
-@pytest.fixture(scope="module")
-def client(fake_upstream):
-    from app import create_app
-    from gateway.settings import build_settings
-    app = create_app(build_settings(remote_config(fake_upstream)))
-    yield app.test_client()
-    app.extensions["gateway"].close()
-
-
 @settings(max_examples=250, deadline=None, suppress_health_check=list(HealthCheck))
 @given(route=st.sampled_from(ROUTES), payload=body)
-def test_generated_bodies_never_500(client, route, payload):
+def test_generated_bodies_never_500(module_client, route, payload):
     data = json.dumps(payload, allow_nan=True)
-    r = client.post(route, data=data, content_type="application/json")
+    r = module_client.post(route, data=data, content_type="application/json")
     assert r.status_code < 500 or r.status_code in (502, 504), (route, data, r.data)
     r.get_data()
 
 
 @settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
 @given(route=st.sampled_from(ROUTES), raw=st.binary(max_size=200))
-def test_garbage_bytes_never_500(client, route, raw):
-    r = client.post(route, data=raw, content_type="application/json")
+def test_garbage_bytes_never_500(module_client, route, raw):
+    r = module_client.post(route, data=raw, content_type="application/json")
     assert r.status_code == 400 or r.status_code == 404, (route, raw, r.data)
 
 
-def test_deep_nesting_and_huge_numbers(client):
+def test_deep_nesting_and_huge_numbers(module_client):
     deep = "[" * 100000 + "]" * 100000
-    r = client.post("/api/chat", data=deep)
+    r = module_client.post("/api/chat", data=deep)
     assert r.status_code == 400
-    r = client.post("/api/chat", data='{"model": "oai:echo", "messages": [], "options": {"seed": 1e400}}')
+    r = module_client.post("/api/chat", data='{"model": "oai:echo", "messages": [], "options": {"seed": 1e400}}')
     assert r.status_code == 400
-    r = client.post("/api/chat", data='{"model": "oai:echo", "messages": [], "options": {"num_predict": 99999999999999999999999}}')
+    r = module_client.post("/api/chat", data='{"model": "oai:echo", "messages": [], "options": {"num_predict": 99999999999999999999999}}')
     assert r.status_code == 400

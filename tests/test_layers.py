@@ -29,7 +29,7 @@ def test_providers_never_import_the_http_layer():
 
 def test_chunks_a_provider_marks_as_already_in_hand_go_out_in_one_write():
     from gateway.canonical import Chunk
-    from gateway.http.streaming import Tally, drive
+    from gateway.http.streaming import Tally, stream_body
     from gateway.reqctx import more_ready
 
     def burst(n):      # a provider that parsed n chunks from one read
@@ -42,10 +42,15 @@ def test_chunks_a_provider_marks_as_already_in_hand_go_out_in_one_write():
         for i in range(n):
             yield Chunk(content=f"t{i} ", done=i == n - 1)
 
-    def render(ch):
-        return ch.content + "\n"
+    class Lines:
+        heartbeat = None
+        error = str
 
-    writes = list(drive(burst(5), Tally(0.0), render, str, lambda t: None))
+        @staticmethod
+        def chunk(ch):
+            return ch.content + "\n"
+
+    writes = list(stream_body(burst(5), Tally(0.0), Lines))
     assert writes == [b"t0 \nt1 \nt2 \nt3 \nt4 \n"]
-    assert len(list(drive(alone(5), Tally(0.0), render, str, lambda t: None))) == 5
+    assert len(list(stream_body(alone(5), Tally(0.0), Lines))) == 5
     assert more_ready.get() is None, "the hint is gone once the stream ends"

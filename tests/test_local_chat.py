@@ -137,7 +137,7 @@ def test_template_less_model_uses_transcript(provider):
     assert out[-1].done
 
 
-def test_unknown_model_404(provider):
+def test_an_unknown_model_is_ollamas_404(provider):
     with pytest.raises(GatewayError) as ei:
         provider.chat(chat("nope"), "nope")
     assert ei.value.status == 404

@@ -12,9 +12,9 @@ from tests.tiny_gguf import CHATML, CHATML_TOOLS, write_corrupt_gguf, write_tiny
 pytestmark = pytest.mark.timeout(120)
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return write_tiny_gguf(str(tmp_path_factory.mktemp("gguf") / "tiny.gguf"))
+@pytest.fixture
+def tiny(tiny_models):
+    return tiny_models["tiny"]
 
 
 @pytest.fixture(scope="module")

@@ -13,16 +13,14 @@ import pytest
 import requests
 
 from tests.conftest import remote_config
-from tests.tiny_gguf import write_tiny_gguf
+from tests.helpers import ndjson, sse_json
 
 pytestmark = pytest.mark.timeout(180)
 
 
-@pytest.fixture(scope="module")
-def tiny_paths(tmp_path_factory):
-    d = tmp_path_factory.mktemp("http-models")
-    return {"tiny": write_tiny_gguf(str(d / "tiny.gguf")),
-            "emb": write_tiny_gguf(str(d / "emb.gguf"), embedding=True, seed=3)}
+@pytest.fixture
+def tiny_paths(tiny_models):
+    return dict(tiny_models)
 
 
 def local_config(upstream, paths, tmp_path, **local):
@@ -39,16 +37,6 @@ def local_config(upstream, paths, tmp_path, **local):
 @pytest.fixture
 def client(make_app, fake_upstream, tiny_paths, tmp_path):
     return make_app(local_config(fake_upstream, tiny_paths, tmp_path)).test_client()
-
-
-def ndjson(resp):
-    return [json.loads(line) for line in resp.get_data(as_text=True).splitlines() if line.strip()]
-
-
-def sse(resp):
-    events = [e[len("data: "):] for e in resp.get_data(as_text=True).split("\n\n") if e.startswith("data: ")]
-    assert events[-1] == "[DONE]"
-    return [json.loads(e) for e in events[:-1]]
 
 
 OPTS = {"num_predict": 8, "seed": 3}
@@ -104,7 +92,7 @@ def test_openai_chat_stream_and_not(client):
             "messages": [{"role": "user", "content": "hi"}]}
     r = client.post("/v1/chat/completions", json=dict(body, stream=True, stream_options={"include_usage": True}))
     assert r.mimetype == "text/event-stream"
-    events = sse(r)
+    events = sse_json(r)
     assert events[-1]["usage"]["completion_tokens"] >= 1
     finish = [c["finish_reason"] for e in events for c in e.get("choices", []) if c.get("finish_reason")]
     assert finish and finish[0] in ("stop", "length")

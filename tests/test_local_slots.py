@@ -10,15 +10,13 @@ import pytest
 from gateway.canonical import ChatRequest, Message, Options
 from gateway.errors import ServiceBusy
 from providers.local.provider import LocalProvider
-from tests.tiny_gguf import write_tiny_gguf
 
 pytestmark = pytest.mark.timeout(90)
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    d = tmp_path_factory.mktemp("slots")
-    return write_tiny_gguf(str(d / "tiny.gguf"), seed=5)
+@pytest.fixture
+def tiny(tiny_models):
+    return tiny_models["tiny"]
 
 
 @pytest.fixture

@@ -1,36 +1,38 @@
 """/health and /health/ready through the real app (Flask test client)."""
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 
+from gateway.canonical import LoadedModel, ModelCard
+from providers.base import Gauges, Provider
 from tests.conftest import remote_config
 
 KEYS = ["echokey-health-0123456789", "ok-health-key-abcdef", "rl-health-key-987654"]
 CLIENT_KEY = "client-secret-health-42"
 
 
-class FakeLocal:
-    """What /health/ready and /metrics may ask of the local provider."""
-    type_name = "local"
-    offered = True
+class FakeLocal(Provider):
+    """A provider of a type the ops code has never heard of, reporting a queue and a
+    loaded model through the interface."""
+    type_name = "fake-local"
 
     def __init__(self, depth=3):
+        super().__init__("local", {})
         self.depth = depth
 
-    def health(self):
-        return {"type": "local", "offered": True, "mode": "cpu"}
-
-    def queue_depth(self):
-        return self.depth
+    def chat(self, req, upstream_id):
+        raise NotImplementedError
 
     def loaded(self):
-        return [SimpleNamespace(card=SimpleNamespace(name="local:tiny", upstream_id="tiny"),
-                                size=1000, size_vram=400)]
+        return [LoadedModel(card=ModelCard(name="local:tiny", upstream_id="tiny", provider="local"),
+                            size=1000, size_vram=400, expires_at=0.0, context_length=0)]
 
-    def close(self):
-        pass
+    def health(self):
+        return {"type": self.type_name, "offered": True, "mode": "cpu", "queue_depth": self.depth,
+                "loaded_models": [{"model": "local:tiny", "size": 1000, "size_vram": 400}]}
+
+    def gauges(self):
+        return Gauges(queue_depth=self.depth, loaded=self.loaded())
 
 
 def _cfg(upstream, **server):

@@ -155,7 +155,7 @@ def test_no_key_in_logs_or_answers_under_gunicorn(gunicorn_gateway, fake_upstrea
     ready = json.loads(answers[-7][2])
     assert ready["providers"]["leak"]["keys_total"] == 2 and ready["providers"]["leak"]["last_error"] == "HTTP500"
     usage = json.loads(answers[-5][2])
-    assert usage["total"]["requests"] == 9, usage   # the 401 never reached a provider
+    assert usage["total"]["requests"] == 10, usage   # the refused 401 is a row too
 
     for _ in range(3):   # still queued for the usage log when the worker is stopped
         assert call("POST", "/api/chat", json={"model": "oai:echo", "stream": False, **CHAT}).status_code == 200
@@ -177,7 +177,7 @@ def test_no_key_in_logs_or_answers_under_gunicorn(gunicorn_gateway, fake_upstrea
     assert {a["provider"] for a in access[5:] if a["status"] == 200} == {"oai", "gem"}
     assert len({a["client"] for a in access}) == 3
     conn = sqlite3.connect(str(db))
-    assert conn.execute("SELECT COUNT(*) FROM usage").fetchone()[0] == 12
+    assert conn.execute("SELECT COUNT(*) FROM usage").fetchone()[0] == 13      # every request is a row, the 401 too
     conn.close()
     raw = b"".join(open(p, "rb").read() for p in (str(db), str(db) + "-wal") if os.path.exists(p))
     for k in every_key:

@@ -201,7 +201,7 @@ def test_an_unwritable_file_never_fails_a_request(make_app, fake_upstream, tmp_p
     assert total(metrics, "gateway_usage_write_errors_total") >= 1
 
 
-def test_disabled_usage_log(make_app, fake_upstream, tmp_path, monkeypatch):
+def test_an_empty_usage_db_turns_the_log_off(make_app, fake_upstream, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for off in ("", False, None):
         cfg = _cfg(fake_upstream, "x")
@@ -215,7 +215,7 @@ def test_disabled_usage_log(make_app, fake_upstream, tmp_path, monkeypatch):
     assert not os.path.exists(tmp_path / "data")
 
 
-def test_default_path(tmp_path):
+def test_usage_db_defaults_to_data_usage_sqlite3(tmp_path):
     from gateway.ops.usage import db_path
     from gateway.settings import build_settings
     assert db_path(build_settings({})) == "data/usage.sqlite3"

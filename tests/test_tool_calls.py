@@ -77,16 +77,6 @@ def test_output_arguments_objects_and_strings():
 
 
 # ---- through the HTTP surfaces ---------------------------------------------------------------
-@pytest.fixture(scope="module")
-def client(fake_upstream):
-    from app import create_app
-    from gateway.settings import build_settings
-    from tests.conftest import remote_config
-    app = create_app(build_settings(remote_config(fake_upstream)))
-    yield app.test_client()
-    app.extensions["gateway"].close()
-
-
 def _call(args):
     return {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "f", "arguments": args}}]}
 
@@ -98,27 +88,27 @@ def _call(args):
     ("/v1/chat/completions", "{not json", "not valid JSON"),
     ("/v1/chat/completions", '{"k":' + _nested(100000) + "}", "nested deeper"),
     ("/v1/chat/completions", "[1]", "expected a JSON object")])
-def test_bad_request_arguments_are_a_400_naming_the_field(client, route, args, says):
-    r = client.post(route, json={"model": "oai:echo", "stream": False, "messages": [
+def test_bad_request_arguments_are_a_400_naming_the_field(module_client, route, args, says):
+    r = module_client.post(route, json={"model": "oai:echo", "stream": False, "messages": [
         {"role": "user", "content": "q"}, _call(args), {"role": "tool", "content": "r"}]})
     assert r.status_code == 400, r.data
     err = r.json["error"] if route == "/api/chat" else r.json["error"]["message"]
     assert "messages[1].tool_calls[0].function.arguments" in err and says in err
 
 
-def test_string_arguments_are_accepted_on_both_surfaces(client):
+def test_string_arguments_are_accepted_on_both_surfaces(module_client):
     for route in ("/api/chat", "/v1/chat/completions"):
-        r = client.post(route, json={"model": "oai:tools", "stream": False, "messages": [
+        r = module_client.post(route, json={"model": "oai:tools", "stream": False, "messages": [
             {"role": "user", "content": "q"}, _call('{"city": "Tokyo"}'), {"role": "tool", "content": "r"}]})
         assert r.status_code == 200, r.data
 
 
-def test_broken_arguments_from_a_model_keep_the_raw_text_on_both_surfaces(client):
-    r = client.post("/api/chat", json={"model": "oai:tools-raw", "stream": False,
+def test_broken_arguments_from_a_model_keep_the_raw_text_on_both_surfaces(module_client):
+    r = module_client.post("/api/chat", json={"model": "oai:tools-raw", "stream": False,
                                        "messages": [{"role": "user", "content": "q"}]})
     assert r.status_code == 200, r.data
     assert r.json["message"]["tool_calls"][0]["function"]["arguments"] == {"_raw": '{"city": "Tok'}
-    r = client.post("/v1/chat/completions", json={"model": "oai:tools-raw",
+    r = module_client.post("/v1/chat/completions", json={"model": "oai:tools-raw",
                                                   "messages": [{"role": "user", "content": "q"}]})
     assert r.status_code == 200, r.data
     args = r.json["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"]

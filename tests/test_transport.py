@@ -1,8 +1,8 @@
-"""providers.remote.Transport and Body, the lean HTTP/1.1 client on the hot path:
+"""providers.transport.Transport and Body, the lean HTTP/1.1 client on the hot path:
 chunked/gzip/Content-Length framing, cut bodies, SSE events split at any byte, keep-alive
 reuse, timeouts, refused connects and header injection, against in-memory sockets and the
-real fake upstream. (The adapter unit tests use `responses`, which replaces requests'
-transport, so they never reach this code.)"""
+real fake upstream. (The adapter unit tests reach it too, with in-memory connections:
+tests/upstream_stub.py.)"""
 from __future__ import annotations
 
 import gzip
@@ -13,12 +13,12 @@ import random
 import requests
 from requests.structures import CaseInsensitiveDict
 
-from providers.remote import Body, Transport, _sse_events, read_error_body
+from providers.transport import Body, Transport, read_error_body, sse_events
 
 
 def iter_sse_data(resp):
     """Each event's data as text: the SSE reader with no per-event decoding."""
-    return _sse_events(resp, lambda b: b.decode("utf-8", "replace"))
+    return sse_events(resp, lambda b: b.decode("utf-8", "replace"))
 
 
 class FakeSock:

@@ -9,6 +9,7 @@ import time
 import pytest
 
 from tests.conftest import remote_config
+from tests.helpers import ndjson
 
 PROMPT = {"messages": [{"role": "user", "content": "fault"}]}
 
@@ -31,10 +32,6 @@ def app_with_keys(make_app, upstream, keys, provider="oai", timeout=1.0):
     cfg["providers"][provider]["api_keys"] = keys
     cfg["providers"][provider]["timeout"] = timeout
     return make_app(cfg).test_client()
-
-
-def ndjson(resp):
-    return [json.loads(x) for x in resp.get_data(as_text=True).splitlines()]
 
 
 @pytest.mark.parametrize("key", sorted(BEFORE_FIRST_BYTE))

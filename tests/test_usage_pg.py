@@ -133,13 +133,16 @@ def test_database_unreachable_then_back_loses_no_row(fake_upstream, postgres_ser
         assert spooled > 0
         assert _count(direct) == 4
         proxy.restore()
-        assert wait_rows(16) == 16, "every spooled row is written once the database is back"
+        # 4 + 12 answers, and the 503 of /api/usage (every request is a row, refusals too)
+        assert wait_rows(17) == 17, "every spooled row is written once the database is back"
         send(2)
-        assert wait_rows(18) == 18
+        assert wait_rows(19) == 19
         time.sleep(0.5)
-        assert _count(direct) == 18, "no row written twice"
+        assert _count(direct) == 19, "no row written twice"
         j = http.get(g.url + "/api/usage?group_by=client", headers=_auth(ADMIN), timeout=10).json()
-        assert j["groups"] == [dict(j["total"], client="alice")]
+        alice, admin = sorted(j["groups"], key=lambda grp: grp["client"] != "alice")
+        assert (alice["client"], alice["requests"], alice["errors"]) == ("alice", 18, 0)
+        assert (admin["requests"], admin["errors"]) == (1, 1), "the admin's refused /api/usage"
     finally:
         http.close()
         if g is not None:
@@ -211,4 +214,5 @@ def test_rows_postgresql_would_refuse_are_cleaned_not_stuck(make_app, fake_upstr
     with psycopg.connect(direct) as conn:
         models = [m for (m,) in conn.execute("SELECT model FROM usage ORDER BY id")]
     assert models[-1] == "oai:echo" and app.extensions["gateway_usage"].spool_rows() == 0
-    assert all("\x00" not in m for m in models)
+    assert len(models) == 3, "one row per request: the refused one too, without a model"
+    assert all("\x00" not in m for m in models if m is not None)

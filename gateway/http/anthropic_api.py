@@ -2,19 +2,15 @@
 every provider. Errors as {"type": "error", "error": {type, message}} (gateway.http.render)."""
 from __future__ import annotations
 
-import time
-
 from flask import Blueprint, Response, current_app
 
 from gateway.errors import GatewayError
 from gateway.http import anthropic_wire as wire
-from gateway.http.answer import answer
 from gateway.http.common import count_input_tokens, read_json_body
 from gateway.http.ollama_wire import dumps
-from gateway.http.streaming import Tally, drive
+from gateway.http.serve import serve
 
 bp = Blueprint("anthropic", __name__, url_prefix="/v1")
-STREAM_HEADERS = {"X-Accel-Buffering": "no", "Cache-Control": "no-cache"}
 
 
 def state():
@@ -39,20 +35,9 @@ def _thinking_hint(req) -> None:
 
 @bp.route("/messages", methods=["POST"])
 def messages():
-    tally = Tally(time.perf_counter())
     req = wire.chat_request(read_json_body())
     _thinking_hint(req)
-    msg_id = wire.new_message_id()
-
-    def stream(chunks, finish):
-        r = wire.StreamRenderer(msg_id, req.model)
-        # the renderer is its own heartbeat: message_start first, then `ping` events
-        return Response(drive(chunks, tally, r.chunk, r.error, finish, heartbeat=r),
-                        mimetype="text/event-stream", headers=STREAM_HEADERS, direct_passthrough=True)
-
-    return answer(state(), req, tally, heartbeat=True,
-                  render_whole=lambda t: json_response(wire.whole_message(msg_id, req.model, t)),
-                  render_stream=stream)
+    return serve(state(), req, wire.MessagesRenderer(wire.new_message_id(), req.model))
 
 
 @bp.route("/messages/count_tokens", methods=["POST"])

@@ -9,6 +9,7 @@ from gateway.canonical import ChatRequest, Chunk, Message, ToolCall
 from gateway.errors import BadRequest
 from gateway.http.common import get_bool, get_model, get_number, strip_data_url
 from gateway.http.ollama_wire import dumps
+from gateway.http.serve import Renderer
 from gateway.tool_calls import arguments_from_request
 
 # Anthropic's error types by HTTP status (their API answers overloaded as 529).
@@ -277,11 +278,13 @@ def event(name: str, data: dict) -> str:
 PING = 'event: ping\ndata: {"type":"ping"}\n\n'
 
 
-class StreamRenderer:
+class MessagesRenderer(Renderer):
     """Canonical chunks → Anthropic's SSE grammar: message_start, ping*, per block
     content_block_start → deltas → content_block_stop (indexes 0, 1, …), message_delta,
     message_stop; `error` after a failure. Thinking, text and each tool call open their
-    own block; a change of kind closes the open one."""
+    own block; a change of kind closes the open one. `whole` is the stream:false message."""
+    mimetype = "text/event-stream"
+    heartbeat = PING
 
     def __init__(self, msg_id: str, model: str):
         self.msg_id, self.model = msg_id, model
@@ -291,9 +294,11 @@ class StreamRenderer:
         self.had_tools = False
         self._text_head = ""
 
-    # drive() calls encode() for each heartbeat: the first one also starts the message
-    def encode(self) -> bytes:
-        return (self._start() + PING).encode()
+    def beat(self) -> str:
+        return self._start() + PING        # the first heartbeat also starts the message
+
+    def whole(self, tally) -> dict:
+        return whole_message(self.msg_id, self.model, tally)
 
     def _start(self) -> str:
         if self.started:
@@ -362,5 +367,5 @@ class StreamRenderer:
         return event("error", error_body(status, getattr(e, "message", str(e))))
 
 
-__all__ = ["chat_request", "whole_message", "StreamRenderer", "error_body", "error_type",
+__all__ = ["chat_request", "whole_message", "MessagesRenderer", "error_body", "error_type",
            "new_message_id"]

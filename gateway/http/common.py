@@ -8,14 +8,11 @@ import base64
 import json
 import logging
 import math
-import time
 
 from flask import current_app, request
 
 from gateway.canonical import FLOAT_OPTIONS, INT_OPTIONS, Options
 from gateway.durations import parse_keep_alive
-from gateway import reqctx
-from gateway.limits import admit_request, release
 from gateway.errors import BadRequest, GatewayError, TooLarge, contains_secret, model_not_found
 from gateway.ops.client_deadlines import ClientTooSlow
 from gateway.tool_calls import too_deep
@@ -229,28 +226,6 @@ def parse_tools(value, field="tools") -> list:
             "name": fn["name"], "description": str(fn.get("description") or ""),
             "parameters": params or {"type": "object", "properties": {}}}})
     return out
-
-
-def run_embed(st, req):
-    """Route an EmbedRequest and report it to the observers (logs, metrics, usage), as
-    both surfaces do for every embedding call. Returns (result, started_at)."""
-    t0 = time.perf_counter()
-    record = reqctx.begin({"route": request.path, "model": req.model, "stream": False})
-    try:
-        admit_request(st, record)
-        result, target = st.router.embed(req)
-    except GatewayError as e:
-        record.update(status=e.status, error=e.message, error_class=type(e).__name__,
-                      latency=time.perf_counter() - t0)
-        st.finished(record)
-        raise
-    except Exception:
-        release(st, record)
-        raise
-    record.update(status=200, provider=target.provider.name, latency=time.perf_counter() - t0,
-                  prompt_tokens=result.prompt_tokens)
-    st.finished(record)
-    return result, t0
 
 
 IMAGE_TOKENS = 1600    # Anthropic's cap for one image at its default size

@@ -8,7 +8,7 @@ import socket
 
 from flask import Response, request
 
-from gateway import clients
+from gateway import clients, reqctx
 from gateway.errors import Forbidden, Unauthorized
 
 _EXEMPT = {"/", "/api/version", "/health"}
@@ -45,6 +45,8 @@ class Guard:
         if client is None:
             raise Unauthorized("missing or invalid API key: send Authorization: Bearer <key> (or x-api-key: <key>)")
         clients.set_current(client)
+        if client.name:      # logs and usage name a configured client, else show its key's hash
+            reqctx.note(client=client.name)
 
     # ---- host -----------------------------------------------------------------------------
     def check_host_header(self) -> None:

@@ -9,11 +9,12 @@ from flask import Blueprint, Response, current_app, request
 from gateway.canonical import Chunk, EmbedRequest
 from gateway.durations import rfc3339
 from gateway.errors import BadRequest, GatewayError, model_not_found
+from gateway.http import lifecycle
 from gateway.http import ollama_wire as wire
 from gateway.http.common import (check_model_name, get_bool, get_model, get_number, parse_keep_alive_field, parse_options,
-                                 read_json_body, run_embed)
-from gateway.http.answer import answer
-from gateway.http.streaming import Tally, drive
+                                 read_json_body)
+from gateway.http.serve import STREAM_HEADERS, Renderer, serve, serve_embed
+from gateway.http.streaming import Tally
 
 bp = Blueprint("ollama", __name__)
 encode_str = encode_basestring   # == wire.dumps(a str), ensure_ascii=False, in C
@@ -32,7 +33,6 @@ def now_rfc3339() -> str:
 
 
 NDJSON = "application/x-ndjson"
-STREAM_HEADERS = {"X-Accel-Buffering": "no", "Cache-Control": "no-cache"}
 
 
 def state():
@@ -92,25 +92,35 @@ def _load_or_unload(req, kind):
 
 
 def _run(req, kind: str):
-    t0 = time.perf_counter()
     has_input = req.messages if kind == "chat" else (req.prompt or req.suffix or
                                                      any(m.images for m in req.messages))
     if not has_input:
         return _load_or_unload(req, kind)
-    tally = Tally(t0)
-    return answer(state(), req, tally, heartbeat=(kind == "chat"),
-                  render_whole=lambda t: json_response(_final(req, kind, t, whole=True)),
-                  render_stream=lambda chunks, finish: _ndjson(req, kind, tally, chunks, finish))
+    return serve(state(), req, OllamaRenderer(req, kind))
 
 
-def _ndjson(req, kind, tally, chunks, finish) -> Response:
-    head = '{"model":' + wire.dumps(req.model) + ',"created_at":"'
-    key = '","message":{"role":"assistant","content":' if kind == "chat" else '","response":'
+class OllamaRenderer(Renderer):
+    """NDJSON lines of /api/chat or /api/generate."""
+    mimetype = NDJSON
 
-    def on_chunk(ch: Chunk):
-        if ch.done:
-            return wire.dumps(_final(req, kind, tally, whole=False, last=ch)) + "\n"
+    def __init__(self, req, kind: str):
+        self.req = req
+        self.tally = lifecycle.current().tally     # what the answer produced so far
+        self.kind = kind
+        # Precomputed heads (a seam kept for speed): a plain content chunk is
+        # head + timestamp + key + encoded text, no dict or json.dumps.
+        self.head = '{"model":' + wire.dumps(req.model) + ',"created_at":"'
+        self.key = '","message":{"role":"assistant","content":' if kind == "chat" else '","response":'
+        # No heartbeat on /api/generate: its clients reject empty non-final chunks.
         if kind == "chat":
+            self.heartbeat = (self.head + rfc3339()
+                              + '","message":{"role":"assistant","content":""},"done":false}\n')
+
+    def chunk(self, ch: Chunk):
+        req = self.req
+        if ch.done:
+            return wire.dumps(_final(req, self.kind, self.tally, whole=False, last=ch)) + "\n"
+        if self.kind == "chat":
             if not (ch.content or ch.thinking or ch.tool_calls):
                 return None
             if ch.thinking or ch.tool_calls:
@@ -121,23 +131,19 @@ def _ndjson(req, kind, tally, chunks, finish) -> Response:
                     msg["tool_calls"] = wire.tool_calls_out(ch.tool_calls)
                 return wire.dumps({"model": req.model, "created_at": rfc3339(), "message": msg,
                                    "done": False}) + "\n"
-            return head + now_rfc3339() + key + encode_str(ch.content) + '},"done":false}\n'
+            return self.head + now_rfc3339() + self.key + encode_str(ch.content) + '},"done":false}\n'
         if ch.thinking:
             return wire.dumps({"model": req.model, "created_at": rfc3339(), "response": ch.content,
                                "thinking": ch.thinking, "done": False}) + "\n"
         if not ch.content:   # LiteLLM rejects non-final generate chunks with empty response
             return None
-        return head + now_rfc3339() + key + encode_str(ch.content) + ',"done":false}\n'
+        return self.head + now_rfc3339() + self.key + encode_str(ch.content) + ',"done":false}\n'
 
-    def on_error(e):
+    def error(self, e: GatewayError) -> str:
         return wire.dumps({"error": e.message}) + "\n"
 
-    # No heartbeat on /api/generate: its clients reject empty non-final chunks.
-    beat = (head + rfc3339() + '","message":{"role":"assistant","content":""},"done":false}\n'
-            if kind == "chat" else None)
-    body = drive(chunks, tally, on_chunk, on_error, finish, heartbeat=beat)
-    # drive() yields bytes: direct_passthrough skips werkzeug's per-chunk re-encoding wrappers
-    return Response(body, mimetype=NDJSON, headers=STREAM_HEADERS, direct_passthrough=True)
+    def whole(self, tally: Tally) -> dict:
+        return _final(self.req, self.kind, tally, whole=True)
 
 
 def _final(req, kind, tally: Tally, whole: bool, last: Chunk = None) -> dict:
@@ -179,7 +185,7 @@ def _embed(model, inputs, body):
     req = EmbedRequest(model=model, inputs=inputs, truncate=get_bool(body, "truncate", True),
                        dimensions=get_number(body, "dimensions", integer=True, minimum=1),
                        keep_alive=parse_keep_alive_field(body), options=parse_options(body.get("options")))
-    return run_embed(state(), req)
+    return serve_embed(state(), req)
 
 
 @bp.route("/api/embed", methods=["POST"])
@@ -196,9 +202,10 @@ def embed():
     if not inputs:
         state().router.resolve(model)
         return json_response({"model": model, "embeddings": []})
-    result, t0 = _embed(model, inputs, body)
+    result = _embed(model, inputs, body)
+    tally = lifecycle.current().tally
     return json_response({"model": model, "embeddings": result.embeddings,
-                          "total_duration": int((time.perf_counter() - t0) * 1e9),
+                          "total_duration": int(((tally.t_end or time.perf_counter()) - tally.t0) * 1e9),
                           "load_duration": int(result.load_duration or 0),
                           "prompt_eval_count": int(result.prompt_tokens or 0)})
 
@@ -213,7 +220,7 @@ def embeddings_legacy():
     if not prompt:
         state().router.resolve(model)
         return json_response({"embedding": []})
-    result, _ = _embed(model, [prompt], body)
+    result = _embed(model, [prompt], body)
     return json_response({"embedding": result.embeddings[0] if result.embeddings else []})
 
 

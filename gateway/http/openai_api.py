@@ -12,16 +12,15 @@ from flask import Blueprint, Response, current_app
 
 from gateway.canonical import ChatRequest, Chunk, EmbedRequest, Message, ToolCall
 from gateway.errors import BadRequest, GatewayError
-from gateway.http import ollama_wire
+from gateway.http import lifecycle, ollama_wire
 from gateway.http.common import (check_model_name, get_bool, get_model, get_number, get_str, parse_format, parse_tools,
-                                 read_json_body, run_embed, stop_list, strip_data_url)
-from gateway.http.answer import answer
-from gateway.http.streaming import Tally, drive
+                                 read_json_body, stop_list, strip_data_url)
+from gateway.http.serve import Renderer, serve, serve_embed
+from gateway.http.streaming import Tally
 from gateway.tool_calls import arguments_from_request, arguments_text, new_call_id
 
 bp = Blueprint("openai", __name__, url_prefix="/v1")
 SSE = "text/event-stream"
-STREAM_HEADERS = {"X-Accel-Buffering": "no", "Cache-Control": "no-cache"}
 dumps = ollama_wire.dumps
 encode_str = encode_basestring   # == dumps(a str), ensure_ascii=False, in C
 _EFFORT = {"none": False, "minimal": "low", "low": "low", "medium": "medium", "high": "high",
@@ -165,29 +164,28 @@ def _error_event(e: GatewayError) -> str:
     return "data: " + dumps({"error": {"message": e.message, "type": e.kind, "code": str(e.status)}}) + "\n\n"
 
 
-def _serve(req: ChatRequest, tally: Tally, render_chunk, render_whole):
-    def stream(chunks, finish):
-        # drive() yields bytes: direct_passthrough skips werkzeug's per-chunk re-encoding wrappers
-        return Response(drive(chunks, tally, render_chunk, _error_event, finish, heartbeat=": keep-alive\n\n"),
-                        mimetype=SSE, headers=STREAM_HEADERS, direct_passthrough=True)
-    return answer(state(), req, tally, heartbeat=True,
-                  render_whole=lambda t: json_response(render_whole(t)), render_stream=stream)
+class ChatCompletionRenderer(Renderer):
+    """chat.completion (whole) and chat.completion.chunk SSE events."""
+    mimetype = SSE
+    heartbeat = ": keep-alive\n\n"
+    error = staticmethod(_error_event)
 
+    def __init__(self, req: ChatRequest):
+        self.req = req
+        self.tally = lifecycle.current().tally     # what the answer produced so far
+        self.cid, self.created = "chatcmpl-" + uuid.uuid4().hex[:24], int(time.time())
+        # Precomputed event head and tail (a seam kept for speed): a plain content chunk
+        # is head + encoded text + tail, no dict or json.dumps.
+        self.head = ('data: {"id":"' + self.cid + '","object":"chat.completion.chunk","created":'
+                     + str(self.created) + ',"model":' + dumps(req.model)
+                     + ',"system_fingerprint":"fp_gateway","choices":[{"index":0,"delta":')
+        self.sent_role = False
 
-@bp.route("/chat/completions", methods=["POST"])
-def chat_completions():
-    tally = Tally(time.perf_counter())
-    req = chat_request(read_json_body())
-    cid, created = "chatcmpl-" + uuid.uuid4().hex[:24], int(time.time())
-    head = ('data: {"id":"' + cid + '","object":"chat.completion.chunk","created":' + str(created)
-            + ',"model":' + dumps(req.model) + ',"system_fingerprint":"fp_gateway","choices":[{"index":0,"delta":')
-    tail = ',"finish_reason":null}]}\n\n'
-    sent_role = [False]
-
-    def render_chunk(ch: Chunk):
+    def chunk(self, ch: Chunk) -> str:
+        head, tail = self.head, ',"finish_reason":null}]}\n\n'
         out = []
-        if not sent_role[0]:
-            sent_role[0] = True
+        if not self.sent_role:
+            self.sent_role = True
             out.append(head + '{"role":"assistant","content":""}' + tail)
         if ch.content and not (ch.thinking or ch.tool_calls):
             # the common case, without building and encoding a dict
@@ -203,53 +201,69 @@ def chat_completions():
             if delta:
                 out.append(head + dumps(delta) + tail)
         if ch.done:
-            out.append(head + '{},"finish_reason":"' + _finish_reason(tally, ch) + '"}]}\n\n')
-            if req.want_usage:
-                out.append("data: " + dumps({"id": cid, "object": "chat.completion.chunk", "created": created,
-                                             "model": req.model, "choices": [], "usage": _usage(ch)}) + "\n\n")
+            out.append(head + '{},"finish_reason":"' + _finish_reason(self.tally, ch) + '"}]}\n\n')
+            if self.req.want_usage:
+                out.append("data: " + dumps({"id": self.cid, "object": "chat.completion.chunk",
+                                             "created": self.created, "model": self.req.model, "choices": [],
+                                             "usage": _usage(ch)}) + "\n\n")
             out.append("data: [DONE]\n\n")
         return "".join(out)
 
-    def render_whole(t: Tally):
+    def whole(self, t: Tally) -> dict:
         msg = {"role": "assistant", "content": "".join(t.content)}
         if t.thinking:
             msg["reasoning"] = "".join(t.thinking)
         if t.tool_calls:
             msg["tool_calls"] = _tool_calls(t.tool_calls)
-        return {"id": cid, "object": "chat.completion", "created": created, "model": req.model,
+        return {"id": self.cid, "object": "chat.completion", "created": self.created, "model": self.req.model,
                 "system_fingerprint": "fp_gateway",
                 "choices": [{"index": 0, "message": msg, "finish_reason": _finish_reason(t, t.final)}],
                 "usage": _usage(t.final)}
 
-    return _serve(req, tally, render_chunk, render_whole)
+
+class CompletionRenderer(Renderer):
+    """text_completion (whole) and its SSE events."""
+    mimetype = SSE
+    heartbeat = ": keep-alive\n\n"
+    error = staticmethod(_error_event)
+
+    def __init__(self, req: ChatRequest):
+        self.req = req
+        self.tally = lifecycle.current().tally     # what the answer produced so far
+        self.cid, self.created = "cmpl-" + uuid.uuid4().hex[:24], int(time.time())
+
+    def _event(self, text, finish) -> str:
+        return "data: " + dumps({"id": self.cid, "object": "text_completion", "created": self.created,
+                                 "model": self.req.model,
+                                 "choices": [{"text": text, "index": 0, "finish_reason": finish}]}) + "\n\n"
+
+    def chunk(self, ch: Chunk) -> str:
+        out = self._event(ch.content, None) if ch.content else ""
+        if ch.done:
+            out += self._event("", _FINISH.get(ch.done_reason or "stop", "stop"))
+            if self.req.want_usage:
+                out += "data: " + dumps({"id": self.cid, "object": "text_completion", "created": self.created,
+                                         "model": self.req.model, "choices": [], "usage": _usage(ch)}) + "\n\n"
+            out += "data: [DONE]\n\n"
+        return out
+
+    def whole(self, t: Tally) -> dict:
+        return {"id": self.cid, "object": "text_completion", "created": self.created, "model": self.req.model,
+                "choices": [{"text": "".join(t.content), "index": 0, "logprobs": None,
+                             "finish_reason": _FINISH.get(t.final.done_reason or "stop", "stop")}],
+                "usage": _usage(t.final)}
+
+
+@bp.route("/chat/completions", methods=["POST"])
+def chat_completions():
+    req = chat_request(read_json_body())
+    return serve(state(), req, ChatCompletionRenderer(req))
 
 
 @bp.route("/completions", methods=["POST"])
 def completions():
     req = completion_request(read_json_body())
-    cid, created = "cmpl-" + uuid.uuid4().hex[:24], int(time.time())
-
-    def event(text, finish):
-        return "data: " + dumps({"id": cid, "object": "text_completion", "created": created, "model": req.model,
-                                 "choices": [{"text": text, "index": 0, "finish_reason": finish}]}) + "\n\n"
-
-    def render_chunk(ch: Chunk):
-        out = event(ch.content, None) if ch.content else ""
-        if ch.done:
-            out += event("", _FINISH.get(ch.done_reason or "stop", "stop"))
-            if req.want_usage:
-                out += "data: " + dumps({"id": cid, "object": "text_completion", "created": created,
-                                         "model": req.model, "choices": [], "usage": _usage(ch)}) + "\n\n"
-            out += "data: [DONE]\n\n"
-        return out
-
-    def render_whole(t: Tally):
-        return {"id": cid, "object": "text_completion", "created": created, "model": req.model,
-                "choices": [{"text": "".join(t.content), "index": 0, "logprobs": None,
-                             "finish_reason": _FINISH.get(t.final.done_reason or "stop", "stop")}],
-                "usage": _usage(t.final)}
-
-    return _serve(req, Tally(time.perf_counter()), render_chunk, render_whole)
+    return serve(state(), req, CompletionRenderer(req))
 
 
 @bp.route("/embeddings", methods=["POST"])
@@ -266,7 +280,7 @@ def embeddings():
         raise BadRequest('invalid value for field "encoding_format": expected "float" or "base64"')
     req = EmbedRequest(model=model, inputs=inputs,
                        dimensions=get_number(body, "dimensions", integer=True, minimum=1))
-    result, _ = run_embed(state(), req)
+    result = serve_embed(state(), req)
     data = []
     for i, vec in enumerate(result.embeddings):
         emb = (base64.b64encode(struct.pack(f"<{len(vec)}f", *vec)).decode() if fmt == "base64" else vec)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 
-from flask import Response, g, has_request_context, request
+from flask import Response, has_request_context, request
 
+from gateway import reqctx
 from gateway.errors import scrub
 
 
@@ -19,8 +20,9 @@ def method() -> str:
 
 def error(e) -> Response:
     status = getattr(e, "status", 500) or 500
-    if has_request_context():
-        g.gateway_error = e        # for the access-log line of a refused request
+    rec = reqctx.current() if has_request_context() else None
+    if rec is not None:
+        rec.failed(e)             # the request's record reports what the client was told
     msg = getattr(e, "client_message", None) or scrub(getattr(e, "message", None) or str(e))
     if path().startswith("/v1/messages"):
         from gateway.http.anthropic_wire import error_body

@@ -19,6 +19,7 @@ from gateway.canonical import ChatRequest, Chunk, Message, ToolCall
 from gateway.errors import BadRequest
 from gateway.http.common import get_bool, get_model, get_number, parse_format, strip_data_url
 from gateway.http.ollama_wire import dumps
+from gateway.http.serve import Renderer
 from gateway.tool_calls import arguments_from_request, arguments_text
 
 _EFFORT = {"none": False, "minimal": "low", "low": "low", "medium": "medium", "high": "high",
@@ -319,12 +320,15 @@ def whole_output(tally) -> list:
     return out
 
 
-class StreamRenderer:
+class ResponsesRenderer(Renderer):
     """Canonical chunks → the Responses event sequence: response.created,
     response.in_progress, per output item …output_item.added → content/arguments deltas
     → their .done events → …output_item.done, then response.completed (or
     response.incomplete at the token limit, response.failed after a failure); every
     event with the next sequence_number."""
+
+    mimetype = "text/event-stream"
+    heartbeat = ": keep-alive\n\n"
 
     def __init__(self, shape: Shape):
         self.shape = shape
@@ -343,9 +347,11 @@ class StreamRenderer:
         self.seq += 1
         return "event: " + kind + "\ndata: " + dumps(data) + "\n\n"
 
-    # drive() calls encode() for each heartbeat: the first one also announces the response
-    def encode(self) -> bytes:
-        return (self._start() + ": keep-alive\n\n").encode()
+    def beat(self) -> str:
+        return self._start() + ": keep-alive\n\n"     # the first heartbeat also announces the response
+
+    def whole(self, tally) -> dict:
+        return self.shape.response(status_of(tally.final), whole_output(tally), tally.final)
 
     def _start(self) -> str:
         if self.started:

@@ -53,6 +53,11 @@ class Tally:
             self.final = ch
             self.t_end = time.perf_counter()
 
+    def ended(self, final: Chunk) -> None:
+        """An answer that is not a stream of chunks (embeddings) is over."""
+        self.final = final
+        self.t_end = time.perf_counter()
+
     def summary(self) -> dict:
         """The fields a finished request reports to logs, metrics and the usage log."""
         f = self.final
@@ -87,14 +92,16 @@ class Tally:
         }
 
 
-def drive(chunks, tally: Tally, on_chunk, on_error, on_finish, heartbeat=None):
-    """Yield what the callbacks render for each chunk, as UTF-8 bytes (so a Response
-    can pass it straight to the server: `direct_passthrough=True`); end with on_error's
-    rendering on a failure. Always closes `chunks` (a client disconnect closes the
+def stream_body(chunks, tally: Tally, renderer):
+    """Yield what the renderer makes of each chunk, as UTF-8 bytes (so a Response can
+    pass it straight to the server: `direct_passthrough=True`); end with the renderer's
+    error line on a failure. Always closes `chunks` (a client disconnect closes the
     upstream). A None item from `chunks` is a heartbeat while the answer has not started.
     Chunks that arrived together upstream go out in one piece (see
-    `gateway.reqctx.more_ready`)."""
+    `gateway.reqctx.more_ready`): the one seam kept for speed here (coalesced writes)."""
     global _active
+    render = renderer.chunk
+    beat = renderer.beat if renderer.heartbeat is not None else None
     hint = [False]
     more_ready.set(hint)
     held = []
@@ -102,11 +109,11 @@ def drive(chunks, tally: Tally, on_chunk, on_error, on_finish, heartbeat=None):
     try:
         for ch in chunks:
             if ch is None:
-                if heartbeat:
-                    yield heartbeat.encode()
+                if beat is not None:
+                    yield beat().encode()
                 continue
             tally.add(ch)
-            out = on_chunk(ch)
+            out = render(ch)
             if out:
                 held.append(out)
             if held and (ch.done or not hint[0] or len(held) >= _MAX_HELD):
@@ -119,7 +126,7 @@ def drive(chunks, tally: Tally, on_chunk, on_error, on_finish, heartbeat=None):
             # The provider ended without a final chunk: treat as a normal stop.
             ch = Chunk(done=True, done_reason="stop")
             tally.add(ch)
-            out = on_chunk(ch)
+            out = render(ch)
             if out:
                 held.append(out)
             if held:
@@ -128,12 +135,12 @@ def drive(chunks, tally: Tally, on_chunk, on_error, on_finish, heartbeat=None):
     except GatewayError as e:
         tally.error = e
         log.warning("stream failed after %d chunk(s): %s", tally.chunks, e.message)
-        held.append(on_error(e))
+        held.append(renderer.error(e))
         yield "".join(held).encode()
     except Exception as e:  # never a traceback to the client; the log has it
         tally.error = GatewayError(f"internal error: {type(e).__name__}")
         log.error("stream crashed: %s", scrub(repr(e)))
-        held.append(on_error(tally.error))
+        held.append(renderer.error(tally.error))
         yield "".join(held).encode()
     finally:
         _active -= 1
@@ -141,7 +148,6 @@ def drive(chunks, tally: Tally, on_chunk, on_error, on_finish, heartbeat=None):
         close = getattr(chunks, "close", None)
         if close is not None:
             close()
-        on_finish(tally)
 
 
 def collect(chunks, tally: Tally) -> Tally:

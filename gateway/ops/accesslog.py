@@ -111,7 +111,7 @@ def _ms(seconds):
     return None if seconds is None else round(seconds * 1000.0, 1)
 
 
-def access_line(record: dict, client=None) -> str:
+def access_line(record: dict) -> str:
     now = time.time()
     err = record.get("error")
     line = {
@@ -120,7 +120,7 @@ def access_line(record: dict, client=None) -> str:
         "model": _cap(record.get("model")),
         "provider": _cap(record.get("provider")),
         "key_index": record.get("key_index"),
-        "client": _cap(client),
+        "client": _cap(record.get("client")),
         "stream": record.get("stream"),
         "status": record.get("status"),
         "latency_ms": _ms(record.get("latency")),
@@ -136,8 +136,6 @@ def access_line(record: dict, client=None) -> str:
 
 
 def install(app, state) -> None:
-    from gateway.ops import current_client_key, provider_of
-
     install_log_filters()
     raw = state.settings.raw.get("server") or {}
     if raw.get("access_log", True) is False:
@@ -146,7 +144,6 @@ def install(app, state) -> None:
 
     def log_access(record: dict) -> None:
         if ACCESS.isEnabledFor(logging.INFO):
-            rec = dict(record, provider=provider_of(record, state))
-            ACCESS.info(access_line(rec, current_client_key()))
+            ACCESS.info(access_line(record))
 
     state.observers.append(log_access)

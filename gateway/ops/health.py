@@ -16,32 +16,15 @@ from gateway.http.streaming import active_streams
 log = logging.getLogger("gateway.ops")
 
 
-def _loaded_names(p) -> list:
-    out = []
-    for lm in p.loaded() or []:
-        card = getattr(lm, "card", None)
-        out.append({"model": getattr(card, "name", None) or getattr(card, "upstream_id", None),
-                    "size": getattr(lm, "size", None), "size_vram": getattr(lm, "size_vram", None)})
-    return out
-
-
 def provider_report(name, p) -> dict:
+    """The provider's own health() (each type says what it knows), and whether it is offered."""
     try:
         h = dict(p.health() or {})
     except Exception as e:
         log.warning("health: provider %s failed to report: %s", name, type(e).__name__)
         h = {"error": type(e).__name__}
-    h.setdefault("type", getattr(p, "type_name", None))
-    h["offered"] = bool(getattr(p, "offered", False))
-    # Local providers: what is loaded and how many wait, whatever health() itself says.
-    depth = getattr(p, "queue_depth", None)
-    if callable(depth) or getattr(p, "type_name", None) == "local":
-        try:
-            h["loaded_models"] = _loaded_names(p)
-            if callable(depth):
-                h["queue_depth"] = depth()
-        except Exception as e:
-            h["local_error"] = type(e).__name__
+    h.setdefault("type", p.type_name)
+    h["offered"] = bool(p.offered)
     return h
 
 

@@ -107,9 +107,8 @@ class Metrics:
         return route if route in (self._routes or ()) else "other"
 
     def observe(self, record: dict) -> None:
-        from gateway.ops import provider_of
         route = self._route_label(record.get("route"))
-        provider = str(provider_of(record, self.state) or "none")
+        provider = str(record.get("provider") or "none")
         model = self._model_label(record.get("model"))
         self.requests.labels(route, provider, model, str(record.get("status") or 0)).inc()
         if record.get("latency") is not None:
@@ -136,8 +135,8 @@ class Metrics:
 
 
 class StateCollector:
-    """Gauges computed at scrape time from provider health. Never raises: a provider
-    whose health() fails is left out of this scrape and logged."""
+    """Gauges computed at scrape time from what each provider reports (Provider.gauges).
+    Never raises: a provider whose report fails is left out of this scrape and logged."""
 
     def __init__(self, state):
         self.state = state
@@ -166,31 +165,22 @@ class StateCollector:
         streams.add_metric([], float(active_streams()))
         for name, p in list(self.state.router.providers.items()):
             try:
-                h = p.health() or {}
-                offered.add_metric([name, str(h.get("type") or getattr(p, "type_name", ""))],
-                                   1.0 if getattr(p, "offered", True) else 0.0)
-                if "keys_total" in h:
-                    keys.add_metric([name], float(h.get("keys_total") or 0))
-                    by_reason = dict.fromkeys(REST_REASONS, 0)
-                    for k in h.get("keys") or []:
-                        if k.get("resting"):
-                            reason = str(k.get("reason") or "unknown")
-                            by_reason[reason] = by_reason.get(reason, 0) + 1
-                    for reason, n in by_reason.items():
+                g = p.gauges()      # each type reports what it has (keys, a queue, loaded models)
+                offered.add_metric([name, p.type_name], 1.0 if p.offered else 0.0)
+                if g.keys_total is not None:
+                    keys.add_metric([name], float(g.keys_total))
+                    for reason, n in {**dict.fromkeys(REST_REASONS, 0), **g.keys_resting}.items():
                         resting.add_metric([name, reason], float(n))
-                depth = getattr(p, "queue_depth", None)
-                if callable(depth):
-                    queue.add_metric([name], float(depth() or 0))
-                if getattr(p, "type_name", None) == "local" or callable(depth):
-                    models = list(p.loaded() or [])
-                    loaded.add_metric([name], float(len(models)))
-                    for lm in models:
-                        card = getattr(lm, "card", None)
-                        mname = str(getattr(card, "upstream_id", None) or getattr(card, "name", "") or "")
-                        mem.add_metric([name, mname, "total"], float(getattr(lm, "size", 0) or 0))
-                        mem.add_metric([name, mname, "vram"], float(getattr(lm, "size_vram", 0) or 0))
+                if g.queue_depth is not None:
+                    queue.add_metric([name], float(g.queue_depth))
+                if g.loaded is not None:
+                    loaded.add_metric([name], float(len(g.loaded)))
+                    for lm in g.loaded:
+                        mname = str(lm.card.upstream_id or lm.card.name or "")
+                        mem.add_metric([name, mname, "total"], float(lm.size or 0))
+                        mem.add_metric([name, mname, "vram"], float(lm.size_vram or 0))
             except Exception as e:
-                log.warning("metrics: provider %s health failed: %s", name, type(e).__name__)
+                log.warning("metrics: provider %s gauges failed: %s", name, type(e).__name__)
         return [offered, keys, resting, queue, loaded, mem, streams]
 
 

@@ -116,19 +116,19 @@ class UsageLog:
         self._suppressed = 0
 
     # ---- the request side: never blocks ---------------------------------------------------
-    def row(self, record: dict, client_key=None, now=None) -> tuple:
-        return (time.time() if now is None else now, client_key, _text(record.get("route")),
+    def row(self, record: dict, now=None) -> tuple:
+        return (time.time() if now is None else now, _text(record.get("client")), _text(record.get("route")),
                 _text(record.get("provider")), _text(record.get("model")), _int(record.get("key_index")),
                 _int(record.get("status")), 1 if record.get("stream") else 0,
                 _int(record.get("prompt_tokens")), _int(record.get("completion_tokens")),
                 _ms(record.get("latency")), _ms(record.get("ttft")))
 
-    def record(self, record: dict, client_key=None) -> None:
+    def record(self, record: dict) -> None:
         if self._closed:
             return
         self._ensure_writer()
         try:
-            self._q.put_nowait(self.row(record, client_key))
+            self._q.put_nowait(self.row(record))
             self.queued += 1
         except queue.Full:
             self._on_drop()
@@ -340,8 +340,6 @@ def parse_since(value: Optional[str]) -> Optional[float]:
 def install(app, state) -> None:
     from flask import Response, request
 
-    from gateway.ops import current_client_key, provider_of
-
     path = db_path(state.settings)
     metrics = app.extensions.get("gateway_metrics")
     usage: Optional[UsageLog] = None
@@ -355,15 +353,7 @@ def install(app, state) -> None:
         else:
             usage = UsageLog(path, on_error=on_error, on_drop=on_drop)
         app.extensions["gateway_usage"] = usage
-        sink = usage
-
-        def log_usage(record: dict) -> None:
-            if record.get("model") is None:   # refused before a model was named: no usage
-                return
-            rec = dict(record, provider=provider_of(record, state))
-            sink.record(rec, current_client_key())
-
-        state.observers.append(log_usage)
+        state.observers.append(usage.record)
         _close_with(state, usage)
 
     @app.route("/api/usage", methods=["GET"])

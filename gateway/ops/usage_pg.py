@@ -220,10 +220,10 @@ class PgUsageLog(UsageLog):
                 self.spool.release()
                 return
 
-    def row(self, record: dict, client_key=None, now=None) -> tuple:
+    def row(self, record: dict, now=None) -> tuple:
         # PostgreSQL text takes neither NUL nor lone surrogates (a client's model name may
         # hold either): a row it would refuse must never reach the spool.
-        return tuple(_pg_text(v) if isinstance(v, str) else v for v in super().row(record, client_key, now))
+        return tuple(_pg_text(v) if isinstance(v, str) else v for v in super().row(record, now))
 
     def _write_batch(self, batch) -> None:
         try:

@@ -34,6 +34,7 @@ from typing import Iterator, Optional
 
 from gateway.canonical import ChatRequest, Chunk, EmbedRequest, EmbedResult, LoadedModel, ModelCard
 from gateway.errors import BadRequest, ServiceBusy, model_not_found
+from providers.base import Gauges
 from providers.local.config import LocalConfig
 from providers.local.generate import generate
 from providers.local.native import run_blocking
@@ -252,7 +253,12 @@ class LocalProvider(LocalConfig):
         h = {"type": self.type_name, "offered": True,
              "models": len(self._models) + len(self._dir_models), "gpu": bool(self._gpu)}
         h.update(self.sched.health())
+        h["loaded_models"] = [{"model": lm.card.name, "size": lm.size, "size_vram": lm.size_vram}
+                              for lm in self.loaded()]
         return h
+
+    def gauges(self) -> Gauges:
+        return Gauges(queue_depth=self.queue_depth(), loaded=self.loaded())
 
     def close(self) -> None:
         self.sched.close()
