@@ -191,16 +191,17 @@ def test_every_sampling_option_builds_its_chain(make):
 
 def test_batching_follows_the_measured_step_times():
     """The loop batches g next tokens only while one batch costs less than g single
-    steps, and looks at the other choice now and then (the rule alone, no model)."""
+    steps (the fastest of their recent times), and looks at the other choice now and then
+    (the rule alone, no model)."""
     from providers.local.decoder import Decoder
     d = Decoder.__new__(Decoder)
     d.batch_min, d._cost, d._steps = None, {}, 0
     assert d._batch_pays(4)                      # a batch of 4 not timed yet: try it
-    d._cost[4] = 0.10
+    d._cost[4] = [0.10]
     assert not d._batch_pays(4)                  # a single step not timed yet: try it
-    d._cost[1] = 0.03                            # 4 single steps: 0.12 s > one batch
-    assert sum(d._batch_pays(4) for _ in range(128)) == 126
-    d._cost[1] = 0.02                            # 4 single steps: 0.08 s < one batch
-    assert sum(d._batch_pays(4) for _ in range(128)) == 2
+    d._cost[1] = [0.09, 0.03]                    # 4 single steps: 0.12 s > one batch
+    assert sum(d._batch_pays(4) for _ in range(128)) == 124
+    d._cost[1] = [0.02, 0.05]                    # the fastest: 0.08 s < one batch
+    assert sum(d._batch_pays(4) for _ in range(128)) == 4
     d.batch_min = 1                              # a fixed rule (GPU offload)
     assert all(d._batch_pays(g) for g in (2, 4, 8))

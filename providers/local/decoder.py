@@ -32,6 +32,7 @@ its job by setting job.cancelled, read by the loop at its next step.
 """
 from __future__ import annotations
 
+import collections
 import ctypes
 import os
 import time
@@ -113,6 +114,7 @@ class Decoder:
         self.n_vocab = n_vocab
         self.batch_min = None if batch_min is None else max(1, batch_min)
         self._cost: dict = {}            # next-token batch size -> recent seconds per decode
+        self._last_n = 0                 # tokens in the previous decode's batch
         self._steps = 0
         self.mix = unified               # prompts and next tokens in one batch
         self.n_swa = int(llama_cpp.llama_model_n_swa(model))
@@ -318,10 +320,10 @@ class Decoder:
             return True                  # not measured yet: measure it
         if cost_1 is None:
             return False
-        pays = cost_g <= g * cost_1
+        pays = min(cost_g) <= g * min(cost_1)
         self._steps += 1
-        if self._steps % 64 == 0:
-            return not pays              # keep the other time current
+        if self._steps % 64 < 2:
+            return not pays              # keep the other time current (two steps: see _step)
         return pays
 
     def _step(self):
@@ -359,10 +361,14 @@ class Decoder:
         b.n_tokens = n
         t0 = time.perf_counter()
         rc = llama_cpp.llama_decode(self.ctx, b)
-        if rc == 0 and not fed:
-            dt = time.perf_counter() - t0
-            old = self._cost.get(n)
-            self._cost[n] = dt if old is None else 0.8 * old + 0.2 * dt
+        if rc == 0 and not fed and n == self._last_n:
+            # Only a step shaped like the one before: the first after a change of batch
+            # size pays for llama.cpp rebuilding its graph. The fastest of the recent
+            # times: on a shared CPU other work only ever adds time, and one slow sample
+            # in a moving average chose batching at 4 sequences where taking turns was
+            # 1.4x faster (bench.local --decoder 4).
+            self._cost.setdefault(n, collections.deque(maxlen=8)).append(time.perf_counter() - t0)
+        self._last_n = 0 if fed else n
         if rc != 0:
             err = RuntimeError(f"llama_decode failed ({rc})")
             for j in gen + [j for j, _ in fed]:
