@@ -325,9 +325,12 @@ class MessagesRenderer(Renderer):
                                              "delta": delta})
 
     def chunk(self, ch: Chunk) -> str:
+        if (self.open == "text" and ch.content and not ch.done
+                and not (ch.thinking or ch.tool_calls or ch.thinking_signature)):
+            return self._text_head + encode_str(ch.content) + "}}\n\n"   # the common case, per token
         out = [] if self.started else [self._start()]
         if ch.content and not (ch.thinking or ch.tool_calls or ch.thinking_signature) and self.open == "text":
-            out.append(self._text_head + encode_str(ch.content) + "}}\n\n")   # the common case
+            out.append(self._text_head + encode_str(ch.content) + "}}\n\n")
         else:
             if ch.thinking:
                 if self.open != "thinking":
