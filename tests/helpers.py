@@ -46,3 +46,23 @@ def with_tiny_local(cfg: dict, tmp_path) -> dict:
                                  "cache_dir": str(tmp_path / "cache"),
                                  "models": {"tiny": {"path": write_tiny_gguf(str(tmp_path / "tiny.gguf"))}}}
     return cfg
+
+
+def local_providers(models: dict, tmp_path):
+    """A fixture body: yields make(**cfg) building LocalProviders over `models` (a cfg may
+    override them) with a cache under tmp_path, and closes every one afterwards."""
+    import copy
+
+    from providers.local.provider import LocalProvider
+    made = []
+
+    def make(**cfg):
+        cfg.setdefault("models", copy.deepcopy(models))
+        cfg.setdefault("cache_dir", str(tmp_path / "cache"))
+        p = LocalProvider("local", cfg)
+        made.append(p)
+        return p
+
+    yield make
+    for p in made:
+        p.close()

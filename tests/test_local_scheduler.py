@@ -10,7 +10,7 @@ import pytest
 
 from gateway.canonical import ChatRequest, Message, Options
 from gateway.errors import GatewayError, ServiceBusy
-from providers.local.provider import LocalProvider
+from tests.helpers import local_providers
 from tests.tiny_gguf import write_corrupt_gguf, write_tiny_gguf
 
 pytestmark = pytest.mark.timeout(60)
@@ -29,18 +29,7 @@ def paths(tmp_path_factory):
 
 @pytest.fixture
 def make(paths, tmp_path):
-    made = []
-
-    def _make(**cfg):
-        cfg.setdefault("models", {k: {"path": v} for k, v in paths.items()})
-        cfg.setdefault("cache_dir", str(tmp_path / "cache"))
-        p = LocalProvider("local", cfg)
-        made.append(p)
-        return p
-
-    yield _make
-    for p in made:
-        p.close()
+    yield from local_providers({k: {"path": v} for k, v in paths.items()}, tmp_path)
 
 
 def req(model, n=8, **kw):

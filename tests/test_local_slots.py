@@ -9,7 +9,7 @@ import pytest
 
 from gateway.canonical import ChatRequest, Message, Options
 from gateway.errors import ServiceBusy
-from providers.local.provider import LocalProvider
+from tests.helpers import local_providers
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -21,18 +21,7 @@ def tiny(tiny_models):
 
 @pytest.fixture
 def make(tiny, tmp_path):
-    made = []
-
-    def _make(**cfg):
-        cfg.setdefault("models", {"tiny": {"path": tiny}})
-        cfg.setdefault("cache_dir", str(tmp_path / "cache"))
-        p = LocalProvider("local", cfg)
-        made.append(p)
-        return p
-
-    yield _make
-    for p in made:
-        p.close()
+    yield from local_providers({"tiny": {"path": tiny}}, tmp_path)
 
 
 def req(content="hello", messages=None, **opts):

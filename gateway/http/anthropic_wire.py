@@ -329,27 +329,24 @@ class MessagesRenderer(Renderer):
                 and not (ch.thinking or ch.tool_calls or ch.thinking_signature)):
             return self._text_head + encode_str(ch.content) + "}}\n\n"   # the common case, per token
         out = [] if self.started else [self._start()]
-        if ch.content and not (ch.thinking or ch.tool_calls or ch.thinking_signature) and self.open == "text":
+        if ch.thinking:
+            if self.open != "thinking":
+                out.append(self._open("thinking", {"type": "thinking", "thinking": "", "signature": ""}))
+            out.append(self._delta({"type": "thinking_delta", "thinking": ch.thinking}))
+        if ch.thinking_signature:
+            if self.open != "thinking":
+                out.append(self._open("thinking", {"type": "thinking", "thinking": "", "signature": ""}))
+            out.append(self._delta({"type": "signature_delta", "signature": ch.thinking_signature}))
+        if ch.content:
+            if self.open != "text":
+                out.append(self._open("text", {"type": "text", "text": ""}))
             out.append(self._text_head + encode_str(ch.content) + "}}\n\n")
-        else:
-            if ch.thinking:
-                if self.open != "thinking":
-                    out.append(self._open("thinking", {"type": "thinking", "thinking": "", "signature": ""}))
-                out.append(self._delta({"type": "thinking_delta", "thinking": ch.thinking}))
-            if ch.thinking_signature:
-                if self.open != "thinking":
-                    out.append(self._open("thinking", {"type": "thinking", "thinking": "", "signature": ""}))
-                out.append(self._delta({"type": "signature_delta", "signature": ch.thinking_signature}))
-            if ch.content:
-                if self.open != "text":
-                    out.append(self._open("text", {"type": "text", "text": ""}))
-                out.append(self._text_head + encode_str(ch.content) + "}}\n\n")
-            for tc in ch.tool_calls:
-                self.had_tools = True
-                out.append(self._open("tool", {"type": "tool_use", "id": tool_id(tc), "name": tc.name,
-                                               "input": {}}))
-                out.append(self._delta({"type": "input_json_delta", "partial_json": dumps(tc.arguments)}))
-                out.append(self._close())
+        for tc in ch.tool_calls:
+            self.had_tools = True
+            out.append(self._open("tool", {"type": "tool_use", "id": tool_id(tc), "name": tc.name,
+                                           "input": {}}))
+            out.append(self._delta({"type": "input_json_delta", "partial_json": dumps(tc.arguments)}))
+            out.append(self._close())
         if ch.done:
             out.append(self._close())
             reason, seq = stop_reason(ch, self.had_tools)
